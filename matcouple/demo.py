@@ -1,0 +1,98 @@
+"""`make demo`: the whole plumbing once, on the embedded database.
+
+Start the embedded server, load the MP 2018 CI subset into the materials collection,
+submit a screening workflow, run it with FireWorks' own `rlaunch rapidfire`, and show
+what landed in MongoDB (a table, a JSON file and a plot under launchpad/demo/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from matcouple.datasets import known_dataset
+from matcouple.errors import MatcoupleError
+from matcouple.ingest import ingest
+from matcouple.screening import collect_structures, screening_results, submit_screening
+from matcouple.screening import summary_table
+from matcouple.settings import get_settings
+from matcouple.store.connection import LaunchpadConfig, embedded_server, open_database
+from matcouple.store.materials import MaterialsStore
+
+
+def _rlaunch(config: LaunchpadConfig, workdir: Path, category: str) -> None:
+    """Run FireWorks' `rlaunch rapidfire` on the demo's Fireworks only (by category)."""
+    fworker = workdir / "fworker.yaml"
+    fworker.write_text(yaml.safe_dump(
+        {"name": "matcouple-demo", "category": category, "query": "{}", "env": {}}))
+    exe = shutil.which("rlaunch", path=str(Path(sys.executable).parent)) or "rlaunch"
+    env = {**os.environ, "MATCOUPLE_LAUNCHPAD": str(config.path)}
+    proc = subprocess.run(
+        [exe, "-l", str(config.path), "-w", str(fworker), "--loglvl", "WARNING",
+         "rapidfire", "--nlaunches", "0"],
+        cwd=workdir, env=env, capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise MatcoupleError(f"rlaunch failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+
+
+def _plot(docs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.scatter([d["volume_per_atom_A3"] for d in docs], [d["density_g_cm3"] for d in docs],
+                s=8, alpha=0.6)
+    ax1.set_xlabel("volume per atom (A^3)")
+    ax1.set_ylabel("density (g/cm^3)")
+    systems: dict[str, int] = {}
+    for d in docs:
+        key = d["symmetry"]["crystal_system"]
+        systems[key] = systems.get(key, 0) + 1
+    ax2.bar(list(systems), list(systems.values()))
+    ax2.set_ylabel("structures")
+    ax2.tick_params(axis="x", rotation=45)
+    fig.suptitle(f"screening of {len(docs)} structures")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_demo(n: int = 512, launchpad: Path | None = None, console: Console | None = None):
+    console = console or Console()
+    settings = get_settings()
+    config = LaunchpadConfig.load(launchpad)
+    if config.is_local:
+        status = embedded_server(config).start(timeout_s=settings.db_start_timeout_s)
+        console.print(status.describe())
+    store = MaterialsStore(open_database(config))
+    report = ingest(known_dataset("mp2018", "ci"), store)
+    console.print(report.summary())
+    structures, _ = collect_structures(config, [], limit=n)
+    category = "matcouple-demo"
+    run, fw_ids = submit_screening(config, structures, category=category)
+    console.print(f"submitted run {run}: {len(structures)} structures in {len(fw_ids)} "
+                  "Fireworks; running `rlaunch rapidfire` ...")
+    workdir = settings.root / "launchpad" / "demo" / run
+    workdir.mkdir(parents=True, exist_ok=True)
+    _rlaunch(config, workdir, category)
+    docs = screening_results(run, config.path)
+    console.print(summary_table(docs, title=f"screening {run}: {len(docs)} structures"))
+    out = workdir / "screening.json"
+    out.write_text(json.dumps([{k: v for k, v in d.items() if k != "updated_at"}
+                               for d in docs], indent=1, default=str))
+    _plot(docs, workdir / "screening.png")
+    console.print(f"results: {out} and {workdir / 'screening.png'}")
+    console.print(f"inspect: lpad -l {config.path} get_wflows -d more")
+    if len(docs) != len(structures):
+        raise MatcoupleError(f"only {len(docs)} of {len(structures)} screening results stored")
+    return docs

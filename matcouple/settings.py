@@ -1,0 +1,80 @@
+"""One place for every path, address and threshold matcouple uses.
+
+Values come from environment variables (``MATCOUPLE_*``) with defaults that work in a
+fresh checkout: the embedded database lives under ``launchpad/``, FireWorks configs under
+``fw_configs/`` and the data sets in ``../shared/data`` beside the checkout.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+
+def _project_root() -> Path:
+    """The checkout holding ``fw_configs/`` (editable install), else the working directory."""
+    env = os.environ.get("MATCOUPLE_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    here = Path(__file__).resolve().parents[1]
+    if (here / "fw_configs").is_dir():
+        return here
+    return Path.cwd().resolve()
+
+
+def _path_from_env(name: str, default: Path) -> Path:
+    value = os.environ.get(name)
+    return Path(value).expanduser().resolve() if value else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved configuration; build it with :func:`get_settings`."""
+
+    root: Path
+    data_dir: Path
+    launchpad_file: Path
+    fworker_file: Path
+    db_storage_path: Path
+    db_run_dir: Path
+    # How long a client waits for the server before declaring the database down.
+    server_selection_timeout_ms: int = 3000
+    # How long `matcouple db start` waits for the new server to answer ping.
+    db_start_timeout_s: float = 60.0
+    materials_collection: str = "materials"
+    screening_collection: str = "screening"
+    # Structures per screening Firework: one Firework per batch of cheap work.
+    screening_batch_size: int = 64
+    # Cells beyond these limits are refused at ingest (empty or absurd cells).
+    max_sites: int = 1000
+    max_volume_per_atom: float = 500.0
+    min_volume_per_atom: float = 1.0
+    symprec: float = 0.1
+    datasets: dict[str, str] = field(
+        default_factory=lambda: {
+            "mp2018": "mp2018/mp2018_fe_gap_trainval.csv.gz",
+            "mp2018-ci": "mp2018/mp2018_ci_subset_512.csv.gz",
+            "perov5": "perov_5/perov_5_all.csv.gz",
+            "carbon24": "carbon_24/carbon_24_all.csv.gz",
+        }
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Read the environment once and return the settings every module shares."""
+    root = _project_root()
+    launchpad_dir = root / "launchpad"
+    return Settings(
+        root=root,
+        data_dir=_path_from_env("MATCOUPLE_DATA_DIR", (root.parent / "shared" / "data").resolve()),
+        launchpad_file=_path_from_env(
+            "MATCOUPLE_LAUNCHPAD", root / "fw_configs" / "my_launchpad.yaml"
+        ),
+        fworker_file=_path_from_env("MATCOUPLE_FWORKER", root / "fw_configs" / "my_fworker.yaml"),
+        db_storage_path=_path_from_env("MATCOUPLE_DB_PATH", launchpad_dir / "db"),
+        db_run_dir=_path_from_env("MATCOUPLE_RUN_DIR", launchpad_dir / "run"),
+        server_selection_timeout_ms=int(os.environ.get("MATCOUPLE_DB_TIMEOUT_MS", "3000")),
+    )

@@ -1,0 +1,1 @@
+"""Crystal structures: reading and checking them, cheap descriptors, graphs and filters."""

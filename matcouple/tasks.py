@@ -1,0 +1,45 @@
+"""Thin FireTasks: read the spec, call a library function, return an FWAction.
+
+Tasks find the database through the LaunchPad file named in the spec (``launchpad_file``)
+or the default one (``$MATCOUPLE_LAUNCHPAD`` / ``fw_configs/my_launchpad.yaml``), the
+same file ``rlaunch``/``qlaunch`` use, so results land next to the workflow that made them.
+"""
+
+from __future__ import annotations
+
+from fireworks import FiretaskBase, FWAction, explicit_serialize
+from pymatgen.core import Structure
+
+from matcouple.settings import get_settings
+from matcouple.store.connection import LaunchpadConfig, open_database
+from matcouple.store.results import store_results
+from matcouple.structures.descriptors import screening_summary
+
+
+def as_structure(value: Structure | dict) -> Structure:
+    """FireWorks revives ``Structure.as_dict()`` into a Structure when it loads a spec."""
+    return value if isinstance(value, Structure) else Structure.from_dict(value)
+
+
+def _database(spec: dict):
+    return open_database(LaunchpadConfig.load(spec.get("launchpad_file")))
+
+
+@explicit_serialize
+class ScreenTask(FiretaskBase):
+    """Symmetry, density and nearest-neighbour distance for a batch of structures."""
+
+    required_params = ["structures", "run"]
+    optional_params = ["collection", "symprec", "launchpad_file"]
+
+    def run_task(self, fw_spec: dict) -> FWAction:
+        settings = get_settings()
+        symprec = self.get("symprec", settings.symprec)
+        results = [
+            {"structure_id": item["id"],
+             **screening_summary(as_structure(item["structure"]), symprec)}
+            for item in self["structures"]
+        ]
+        collection = self.get("collection", settings.screening_collection)
+        n = store_results(_database(self), collection, self["run"], results)
+        return FWAction(stored_data={"stored": n, "collection": collection, "run": self["run"]})
