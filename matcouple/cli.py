@@ -35,14 +35,15 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1)
 
 
-def _launchpad_option() -> Path | None:
-    return typer.Option(None, "--launchpad", "-l", help="LaunchPad file (default: "
-                        "$MATCOUPLE_LAUNCHPAD or fw_configs/my_launchpad.yaml).")
+LAUNCHPAD_OPTION = typer.Option(
+    None, "--launchpad", "-l",
+    help="LaunchPad file (default: $MATCOUPLE_LAUNCHPAD or fw_configs/my_launchpad.yaml).",
+)
 
 
 # ---------------------------------------------------------------- db
 @db_app.command("start")
-def db_start(launchpad: Path | None = _launchpad_option()) -> None:
+def db_start(launchpad: Path | None = LAUNCHPAD_OPTION) -> None:
     """Start the embedded server on the LaunchPad file's address (no-op if running)."""
     from matcouple.settings import get_settings
     from matcouple.store.connection import LaunchpadConfig, embedded_server
@@ -56,7 +57,7 @@ def db_start(launchpad: Path | None = _launchpad_option()) -> None:
 
 
 @db_app.command("stop")
-def db_stop(launchpad: Path | None = _launchpad_option()) -> None:
+def db_stop(launchpad: Path | None = LAUNCHPAD_OPTION) -> None:
     """Stop the embedded server (data stays in launchpad/db/)."""
     from matcouple.store.connection import LaunchpadConfig, embedded_server
 
@@ -68,7 +69,7 @@ def db_stop(launchpad: Path | None = _launchpad_option()) -> None:
 
 
 @db_app.command("status")
-def db_status(launchpad: Path | None = _launchpad_option()) -> None:
+def db_status(launchpad: Path | None = LAUNCHPAD_OPTION) -> None:
     """Say whether the embedded server runs and answers; exit 1 if it does not."""
     from matcouple.store.connection import LaunchpadConfig, embedded_server
 
@@ -93,7 +94,7 @@ def data_load(
     limit: int | None = typer.Option(None, help="Load only the first N rows."),
     workers: int | None = typer.Option(None, help="Parsing processes (default: cores, max 4)."),
     report: Path | None = typer.Option(None, help="Write the refused rows to this JSON file."),
-    launchpad: Path | None = _launchpad_option(),
+    launchpad: Path | None = LAUNCHPAD_OPTION,
 ) -> None:
     """Ingest a labelled crystal table into the materials collection (idempotent)."""
     from matcouple.datasets import csv_dataset, known_dataset
@@ -134,7 +135,7 @@ def data_query(
     structure: Path | None = typer.Option(None, help="CIF/POSCAR: find the same crystal."),
     limit: int = typer.Option(20, help="Rows to show."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    launchpad: Path | None = _launchpad_option(),
+    launchpad: Path | None = LAUNCHPAD_OPTION,
 ) -> None:
     """Find materials by formula, chemical system or structure."""
     from matcouple.store.connection import LaunchpadConfig, open_database
@@ -171,7 +172,7 @@ def data_query(
 
 
 @data_app.command("count")
-def data_count(launchpad: Path | None = _launchpad_option()) -> None:
+def data_count(launchpad: Path | None = LAUNCHPAD_OPTION) -> None:
     """Count materials per source and fidelity."""
     from matcouple.store.connection import LaunchpadConfig, open_database
     from matcouple.store.materials import MaterialsStore
@@ -196,7 +197,7 @@ def screen_submit(
     limit: int | None = typer.Option(None, help="At most N database entries."),
     run: str | None = typer.Option(None, help="Name of the run (default: a timestamp)."),
     batch_size: int | None = typer.Option(None, help="Structures per Firework."),
-    launchpad: Path | None = _launchpad_option(),
+    launchpad: Path | None = LAUNCHPAD_OPTION,
 ) -> None:
     """Add a screening workflow to the LaunchPad; run it with `rlaunch rapidfire`."""
     from matcouple.screening import collect_structures, submit_screening
@@ -218,7 +219,7 @@ def screen_submit(
 @screen_app.command("results")
 def screen_results(
     run: str = typer.Argument(..., help="Run name given at submit."),
-    launchpad: Path | None = _launchpad_option(),
+    launchpad: Path | None = LAUNCHPAD_OPTION,
 ) -> None:
     """Show the stored results of a screening run."""
     from matcouple.screening import screening_results, summary_table
@@ -234,7 +235,7 @@ def screen_results(
 @app.command("demo")
 def demo(
     n: int = typer.Option(512, help="Structures to screen."),
-    launchpad: Path | None = _launchpad_option(),
+    launchpad: Path | None = LAUNCHPAD_OPTION,
 ) -> None:
     """End to end on the embedded database: load data, screen through the LaunchPad."""
     from matcouple.demo import run_demo

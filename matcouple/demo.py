@@ -20,8 +20,12 @@ from rich.console import Console
 from matcouple.datasets import known_dataset
 from matcouple.errors import MatcoupleError
 from matcouple.ingest import ingest
-from matcouple.screening import collect_structures, screening_results, submit_screening
-from matcouple.screening import summary_table
+from matcouple.screening import (
+    collect_structures,
+    screening_results,
+    submit_screening,
+    summary_table,
+)
 from matcouple.settings import get_settings
 from matcouple.store.connection import LaunchpadConfig, embedded_server, open_database
 from matcouple.store.materials import MaterialsStore

@@ -33,7 +33,7 @@ def screening_workflow(
     """A workflow that screens ``(id, structure)`` pairs in independent batch Fireworks."""
     if not structures:
         raise ValueError("no structures to screen")
-    batch_size = batch_size or get_settings().screening_batch_size
+    batch_size = get_settings().screening_batch_size if batch_size is None else batch_size
     fireworks = []
     for i, batch in enumerate(_batches(list(structures), batch_size)):
         params = {

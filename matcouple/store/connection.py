@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 from fireworks import LaunchPad
 from pymongo.database import Database
-from pymongo.errors import PyMongoError
+from pymongo.errors import OperationFailure, PyMongoError
 
 from matcouple.errors import DatabaseUnavailableError, MatcoupleError
 from matcouple.settings import Settings, get_settings
@@ -113,6 +113,11 @@ def open_launchpad(config: LaunchpadConfig | None = None, check: bool = True) ->
         try:
             lp.db.command("ping")
             ensure_initialized(lp)
+        except OperationFailure as exc:
+            raise DatabaseUnavailableError(
+                f"the database at {config.describe()} refused the request with the credentials "
+                f"in {config.path}: {exc.details.get('errmsg') if exc.details else exc}"
+            ) from exc
         except PyMongoError as exc:
             raise DatabaseUnavailableError(_down_message(config, exc)) from exc
     return lp

@@ -128,7 +128,8 @@ class MaterialsStore:
         found: set[str] = set()
         for start in range(0, len(ids), 1000):
             chunk = ids[start:start + 1000]
-            found.update(d["_id"] for d in self.collection.find({"_id": {"$in": chunk}}, {"_id": 1}))
+            cursor = self.collection.find({"_id": {"$in": chunk}}, {"_id": 1})
+            found.update(d["_id"] for d in cursor)
         return found
 
     def count(self, query: dict[str, Any] | None = None) -> int:

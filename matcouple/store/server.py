@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pymongo
-from pymongo.errors import PyMongoError
+from pymongo.errors import OperationFailure, PyMongoError
 
 from matcouple.errors import PortInUseError, ServerStartError
 
@@ -82,6 +82,8 @@ def ping(host: str, port: int, timeout_ms: int = 1000) -> bool:
     )
     try:
         return client.admin.command("ping").get("ok") == 1.0
+    except OperationFailure:
+        return True  # it answered: authentication is required, but the server is up
     except PyMongoError:
         return False
     finally:
@@ -96,6 +98,8 @@ class EmbeddedServer:
     port: int
     storage_path: Path
     run_dir: Path
+    # Further secantusd-py flags, e.g. ("--auth",) or TLS options.
+    extra_args: tuple[str, ...] = ()
 
     @property
     def pid_file(self) -> Path:
@@ -141,6 +145,7 @@ class EmbeddedServer:
             "--standalone",
             "--sync-on-commit",
             "--log-level", "WARNING",
+            *self.extra_args,
         ]
 
     def start(self, timeout_s: float = 60.0) -> ServerStatus:
@@ -157,6 +162,8 @@ class EmbeddedServer:
                 "choose another port in the LaunchPad file (fw_configs/my_launchpad.yaml "
                 "or $MATCOUPLE_LAUNCHPAD)."
             )
+        if self.storage_path.exists() and not self.storage_path.is_dir():
+            raise ServerStartError(f"storage path {self.storage_path} exists but is not a folder")
         self.storage_path.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:

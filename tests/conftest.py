@@ -1,0 +1,74 @@
+"""A real embedded MongoDB-wire server for the tests: random free port, temporary storage."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from pymatgen.core import Lattice, Structure
+
+from matcouple.store.connection import LaunchpadConfig
+from matcouple.store.server import EmbeddedServer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> EmbeddedServer:
+    base = tmp_path_factory.mktemp("secantus")
+    srv = EmbeddedServer(host="127.0.0.1", port=free_port(), storage_path=base / "db",
+                         run_dir=base / "run")
+    srv.start(timeout_s=60)
+    yield srv
+    srv.stop()
+
+
+def write_launchpad_file(path: Path, server: EmbeddedServer, name: str) -> LaunchpadConfig:
+    path.write_text(yaml.safe_dump({
+        "host": server.host, "port": server.port, "name": name, "strm_lvl": "WARNING",
+        "mongoclient_kwargs": {"serverSelectionTimeoutMS": 3000},
+    }))
+    return LaunchpadConfig.load(path)
+
+
+@pytest.fixture()
+def launchpad_config(server, tmp_path, monkeypatch) -> LaunchpadConfig:
+    """A LaunchPad file for a fresh database on the session server, set as the default."""
+    config = write_launchpad_file(tmp_path / "my_launchpad.yaml", server,
+                                  f"t_{uuid.uuid4().hex[:10]}")
+    monkeypatch.setenv("MATCOUPLE_LAUNCHPAD", str(config.path))
+    from matcouple.settings import get_settings
+
+    get_settings.cache_clear()
+    yield config
+    get_settings.cache_clear()
+
+
+@pytest.fixture()
+def cli_env(launchpad_config) -> dict[str, str]:
+    """Environment for running the real `matcouple`/`rlaunch`/`lpad` commands."""
+    return {**os.environ, "MATCOUPLE_LAUNCHPAD": str(launchpad_config.path)}
+
+
+@pytest.fixture()
+def silicon() -> Structure:
+    return Structure(Lattice.cubic(5.431), ["Si"] * 8, [
+        [0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5],
+        [0.25, 0.25, 0.25], [0.75, 0.75, 0.25], [0.75, 0.25, 0.75], [0.25, 0.75, 0.75],
+    ])
+
+
+@pytest.fixture()
+def rocksalt() -> Structure:
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(4.21), ["Mg", "O"],
+                                     [[0, 0, 0], [0.5, 0.5, 0.5]])

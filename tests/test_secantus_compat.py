@@ -1,0 +1,59 @@
+"""The findAndModify fix of the embedded server: same answers, no full scans."""
+
+from __future__ import annotations
+
+import time
+
+import pymongo
+import secantus
+
+from matcouple.store import secantus_compat
+
+
+def test_filter_shapes():
+    pins = secantus_compat._pins_single_id
+    assert pins({"_id": 5, "$and": [{"state": "READY"}]})
+    assert not pins({"_id": 5})  # already a point lookup
+    assert not pins({"_id": {"$in": [1, 2]}, "$and": [{}]})
+    assert not pins({"state": "READY", "$and": [{}]})
+    assert not pins(None)
+
+
+def test_only_pinned_versions_are_patched(monkeypatch):
+    monkeypatch.setattr(secantus, "__version__", "9.9.9")
+    assert secantus_compat.apply() is False
+
+
+def test_find_and_modify_semantics_and_scaling(server):
+    """The fixture's server runs through our launcher, i.e. with the fix."""
+    client = pymongo.MongoClient(server.host, server.port)
+    coll = client.compat.jobs
+    coll.drop()
+    coll.create_index("state")
+
+    def fill(n: int) -> None:
+        start = coll.count_documents({})
+        coll.insert_many([{"_id": i, "state": "WAITING", "n": i} for i in range(start, n)])
+
+    def time_claims(k: int = 40) -> float:
+        # As on a LaunchPad: a few READY documents among many finished ones.
+        coll.update_many({}, {"$set": {"state": "COMPLETED"}})
+        coll.update_many({"_id": {"$lt": k}}, {"$set": {"state": "READY"}})
+        t0 = time.perf_counter()
+        for _ in range(k):
+            doc = coll.find_one_and_update({"state": "READY", "n": {"$gte": 0}},
+                                           {"$set": {"state": "RUNNING"}})
+            assert doc is not None and doc["state"] == "READY"
+        return (time.perf_counter() - t0) / k
+
+    fill(200)
+    small = time_claims()
+    fill(4000)
+    large = time_claims()
+    # Unfixed 0.7.0b3 grows ~linearly (20x the documents: ~15-20x slower).
+    assert large < 4 * small + 0.002, (small, large)
+    # The re-asserted query still guards the write: no claim of a non-matching document.
+    assert coll.find_one_and_update({"_id": 7, "state": "NOPE"}, {"$set": {"x": 1}}) is None
+    assert "x" not in coll.find_one({"_id": 7})
+    assert coll.count_documents({"state": "RUNNING"}) == 40
+    client.close()
