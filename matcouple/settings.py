@@ -52,6 +52,10 @@ class Settings:
     max_volume_per_atom: float = 500.0
     min_volume_per_atom: float = 1.0
     symprec: float = 0.1
+    # Shipped Crysformer ensemble + model card (calibration scales per mode).
+    surrogate_model_dir: Path = Path(__file__).resolve().parent / "surrogate" / "models"
+    # Cache of crystal graphs built from data tables (speeds up repeated training).
+    graph_cache_dir: Path = Path.home() / ".cache" / "matcouple" / "graphs"
     datasets: dict[str, str] = field(
         default_factory=lambda: {
             "mp2018": "mp2018/mp2018_fe_gap_trainval.csv.gz",

@@ -7,6 +7,8 @@ same file ``rlaunch``/``qlaunch`` use, so results land next to the workflow that
 
 from __future__ import annotations
 
+import functools
+
 from fireworks import FiretaskBase, FWAction, explicit_serialize
 from pymatgen.core import Structure
 
@@ -21,8 +23,15 @@ def as_structure(value: Structure | dict) -> Structure:
     return value if isinstance(value, Structure) else Structure.from_dict(value)
 
 
+@functools.lru_cache(maxsize=4)
+def _database_for(launchpad_file: str | None):
+    # One client per worker process and LaunchPad file: a Firework costs milliseconds, a new
+    # connection (handshake, ping) would be a large part of that.
+    return open_database(LaunchpadConfig.load(launchpad_file))
+
+
 def _database(spec: dict):
-    return open_database(LaunchpadConfig.load(spec.get("launchpad_file")))
+    return _database_for(spec.get("launchpad_file"))
 
 
 @explicit_serialize

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import shutil
 import subprocess
@@ -57,6 +58,14 @@ def test_rlaunch_runs_it_and_lpad_sees_it(launchpad_config, cli_env, tmp_path, s
     stored = sorted(lp.launches.find_one({"fw_id": i})["action"]["stored_data"]["stored"]
                     for i in fw_ids)
     assert stored == [1, 4, 4]
+    # `lpad reset` empties the LaunchPad, and leaves matcouple's collections alone.
+    today = datetime.datetime.now().strftime("%Y-%m-%d")
+    proc = subprocess.run([_tool("lpad"), "-l", str(launchpad_config.path), "reset",
+                           "--password", today], env=cli_env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert lp.fireworks.count_documents({}) == 0
+    assert len(screening_results(run, launchpad_config.path)) == 9
 
 
 def test_cli_submit_then_results(launchpad_config, cli_env, tmp_path, silicon):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import pymongo
+import pymongo.errors
+import pytest
 import secantus
 
 from matcouple.store import secantus_compat
@@ -56,4 +58,15 @@ def test_find_and_modify_semantics_and_scaling(server):
     assert coll.find_one_and_update({"_id": 7, "state": "NOPE"}, {"$set": {"x": 1}}) is None
     assert "x" not in coll.find_one({"_id": 7})
     assert coll.count_documents({"state": "RUNNING"}) == 40
+    client.close()
+
+
+def test_background_option_does_not_conflict(server):
+    client = pymongo.MongoClient(server.host, server.port)
+    coll = client.compat.idx
+    coll.drop()
+    coll.create_index("fw_id", unique=True, background=False)
+    coll.create_index("fw_id", unique=True, background=True)  # lpad reset after tuneup --full
+    with pytest.raises(pymongo.errors.OperationFailure):
+        coll.create_index("fw_id", unique=False)  # a real conflict is still one
     client.close()

@@ -132,7 +132,7 @@ def ensure_initialized(lp: LaunchPad) -> None:
         lp.fw_id_assigner.update_one(
             {}, {"$setOnInsert": {"next_fw_id": 1, "next_launch_id": 1}}, upsert=True
         )
-        lp.tuneup(bkground=False)
+        lp.tuneup()  # same index options as `lpad reset` builds
 
 
 def open_database(config: LaunchpadConfig | None = None) -> Database:

@@ -13,6 +13,11 @@ The fix narrows the candidates to the point lookup on ``_id`` whenever the filte
 the *full* filter to each candidate before writing (see its docstring), so the result is
 identical; only the scan is skipped.
 
+A second fix makes index creation ignore the ``background`` option when comparing a
+requested index with an existing one of the same name, as MongoDB has done since 4.2
+(where the option is ignored). Without it, FireWorks' ``lpad reset`` (background indexes)
+after ``lpad admin tuneup --full`` (foreground) fails with IndexKeySpecsConflict.
+
 :func:`apply` patches only the versions listed in :data:`FIXED_VERSIONS`; for any other
 version it does nothing, so an upgrade can never be silently altered by a stale patch.
 """
@@ -39,10 +44,12 @@ def _pins_single_id(query: Any) -> bool:
 def apply() -> bool:
     """Install the fixes if the installed SecantusDB needs them; return whether it did."""
     import secantus
+    from secantus import commands
     from secantus.storage import Storage
 
     if secantus.__version__ not in FIXED_VERSIONS:
         return False
+    commands._INDEX_NOT_OPTIONS = commands._INDEX_NOT_OPTIONS | {"background"}
     original = Storage._candidates_iter
     if getattr(original, _MARK, False):
         return True

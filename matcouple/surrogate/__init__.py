@@ -1,0 +1,1 @@
+"""Surrogate pattern: Crysformer predicts formation energy and band gap with an uncertainty."""

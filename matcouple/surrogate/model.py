@@ -1,0 +1,232 @@
+"""Crysformer: an equivariant graph attention transformer for crystal properties.
+
+Paper section 3.1 (eqs. 1-9), built from e3nn irreps:
+  E_ij  = RBF(|r_ij|)                                  (1)
+  x_ij  = phi(h_i) + phi(h_j)                           (2)
+  f_ij  = phi_f(x_ij (x)_{cE} SH(r_ij))                 (3)  tensor product weighted by E
+  zeta  = a^T LeakyReLU(f_ij^0); alpha = softmax_j      (4, 5) attention from the scalars
+  mu    = Gate(f_ij^L); v_ij = phi_f(mu (x)_w SH(r_ij)) (6, 7) values from the type-L part
+  P(i)  = sum_j alpha_ij v_ij ; P = mean_i P(i)         (8, 9) (alpha already sums to one)
+Each block adds its attention output and an equivariant feed-forward network to the node
+features (pre-norm residual), as in Equiformer. Invariant heads read the scalar channels,
+averaged over atoms, for formation energy per atom and band gap. Dropout sits on the
+attention weights and the scalar channels so MC-dropout gives an uncertainty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from e3nn import o3
+from e3nn.nn import Gate
+from torch import nn
+from torch_geometric.utils import scatter, softmax
+
+
+@dataclass(frozen=True)
+class CrysformerConfig:
+    """Hyper-parameters; stored in every checkpoint."""
+
+    scalars: int = 96
+    vectors: int = 24
+    tensors: int = 12
+    layers: int = 4
+    heads: int = 4
+    rbf: int = 32
+    rbf_cutoff: float = 8.0
+    lmax: int = 2
+    dropout: float = 0.1
+    atom_features: int = 84
+    targets: tuple[str, ...] = ("formation_energy_per_atom", "band_gap")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def node_irreps(cfg: CrysformerConfig) -> o3.Irreps:
+    parts = [(cfg.scalars, (0, 1)), (cfg.vectors, (1, -1))]
+    if cfg.lmax >= 2 and cfg.tensors:
+        parts.append((cfg.tensors, (2, 1)))
+    return o3.Irreps(parts)
+
+
+class GaussianRBF(nn.Module):
+    """Gaussian expansion of distances on [0, cutoff] (eq. 1)."""
+
+    def __init__(self, n: int, cutoff: float) -> None:
+        super().__init__()
+        self.register_buffer("centers", torch.linspace(0.0, cutoff, n))
+        self.gamma = (n / cutoff) ** 2
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-self.gamma * (d[:, None] - self.centers) ** 2)
+
+
+class EquivariantLayerNorm(nn.Module):
+    """LayerNorm for scalars, RMS normalisation of each l>0 block (keeps equivariance)."""
+
+    def __init__(self, irreps: o3.Irreps, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.irreps = o3.Irreps(irreps)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(self.irreps.num_irreps))
+        self.bias = nn.Parameter(torch.zeros(sum(mul for mul, ir in self.irreps if ir.l == 0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, w, b = [], 0, 0
+        for (mul, ir), sl in zip(self.irreps, self.irreps.slices(), strict=True):
+            block = x[:, sl].reshape(-1, mul, ir.dim)
+            if ir.l == 0:
+                block = block - block.mean(dim=1, keepdim=True)
+            norm = block.pow(2).mean(dim=(1, 2), keepdim=True)
+            block = block * torch.rsqrt(norm + self.eps) * self.weight[w:w + mul, None]
+            if ir.l == 0:
+                block = block + self.bias[b:b + mul, None]
+                b += mul
+            w += mul
+            out.append(block.reshape(-1, mul * ir.dim))
+        return torch.cat(out, dim=-1)
+
+
+def _gate(irreps_out: o3.Irreps) -> tuple[Gate, o3.Irreps]:
+    """A gate whose output is ``irreps_out`` and the irreps its input must have."""
+    scalars = o3.Irreps([(m, ir) for m, ir in irreps_out if ir.l == 0])
+    gated = o3.Irreps([(m, ir) for m, ir in irreps_out if ir.l > 0])
+    gates = o3.Irreps([(gated.num_irreps, (0, 1))]) if gated.num_irreps else o3.Irreps("")
+    gate = Gate(scalars, [nn.SiLU()] * len(scalars), gates, [torch.sigmoid] * len(gates),
+                gated)
+    return gate, gate.irreps_in
+
+
+class ScalarDropout(nn.Module):
+    """Dropout on the scalar channels only (l>0 channels untouched: stays equivariant)."""
+
+    def __init__(self, irreps: o3.Irreps, p: float) -> None:
+        super().__init__()
+        self.n_scalar = sum(mul for mul, ir in o3.Irreps(irreps) if ir.l == 0)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.drop(x[:, :self.n_scalar]), x[:, self.n_scalar:]], dim=-1)
+
+
+def _depthwise_tp(irreps_in: o3.Irreps, irreps_sh: o3.Irreps, keep: o3.Irreps,
+                  shared: bool) -> o3.TensorProduct:
+    """Channel-wise ("uvu") tensor product, keeping only outputs of the types in ``keep``."""
+    wanted = {ir for _, ir in keep}
+    out, instr = [], []
+    for i, (mul, ir_in) in enumerate(irreps_in):
+        for j, (_, ir_sh) in enumerate(irreps_sh):
+            for ir_out in ir_in * ir_sh:
+                if ir_out in wanted:
+                    instr.append((i, j, len(out), "uvu", True))
+                    out.append((mul, ir_out))
+    irreps_out = o3.Irreps(out)
+    return o3.TensorProduct(irreps_in, irreps_sh, irreps_out, instr,
+                            shared_weights=shared, internal_weights=shared)
+
+
+class AttentionBlock(nn.Module):
+    """One equivariant graph attention layer plus feed-forward network (eqs. 2-8)."""
+
+    def __init__(self, cfg: CrysformerConfig, irreps: o3.Irreps, irreps_sh: o3.Irreps):
+        super().__init__()
+        self.heads = cfg.heads
+        self.norm1 = EquivariantLayerNorm(irreps)
+        # Messages are built in a narrower space (half the channels): the per-edge tensor
+        # product is the cost of the model.
+        msg = o3.Irreps([(max(mul // 2, cfg.heads), ir) for mul, ir in irreps])
+        self.lin_dst = o3.Linear(irreps, msg)
+        self.lin_src = o3.Linear(irreps, msg)
+        self.tp_msg = _depthwise_tp(msg, irreps_sh, irreps, shared=False)
+        self.rbf_mlp = nn.Sequential(nn.Linear(cfg.rbf, 64), nn.SiLU(),
+                                     nn.Linear(64, self.tp_msg.weight_numel))
+        # f_ij = [attention scalars | gate input for the values]
+        self.att_dim = cfg.heads * 16
+        value_gate, value_in = _gate(irreps)
+        self.value_gate = value_gate
+        self.irreps_f = (o3.Irreps(f"{self.att_dim}x0e") + value_in).simplify()
+        self.n_att = self.att_dim
+        self.lin_f = o3.Linear(self.tp_msg.irreps_out.simplify(), o3.Irreps(
+            f"{self.att_dim}x0e") + value_in)
+        self.alpha = nn.Parameter(torch.randn(cfg.heads, 16) * 0.1)
+        self.tp_val = _depthwise_tp(irreps, irreps_sh, irreps, shared=True)
+        self.lin_val = o3.Linear(self.tp_val.irreps_out.simplify(), irreps)
+        self.att_drop = nn.Dropout(cfg.dropout)
+        self.lin_out = o3.Linear(irreps, irreps)
+        self.norm2 = EquivariantLayerNorm(irreps)
+        ffn_gate, ffn_in = _gate(irreps)
+        self.ffn_in = o3.Linear(irreps, ffn_in)
+        self.ffn_gate = ffn_gate
+        self.ffn_out = o3.Linear(irreps, irreps)
+        self.drop = ScalarDropout(irreps, cfg.dropout)
+        self.irreps = irreps
+        self._value_split = self._head_split(irreps, cfg.heads)
+
+    @staticmethod
+    def _head_split(irreps: o3.Irreps, heads: int) -> list[tuple[int, int, int]]:
+        for mul, _ in irreps:
+            if mul % heads:
+                raise ValueError(f"channel count {mul} must be divisible by heads={heads}")
+        return [(mul, ir.dim, mul // heads) for mul, ir in irreps]
+
+    def _weighted_sum(self, v: torch.Tensor, alpha: torch.Tensor, dst: torch.Tensor,
+                      n: int) -> torch.Tensor:
+        """sum_j alpha_ij^h v_ij over incoming edges, heads splitting each irrep's channels."""
+        out, start = [], 0
+        for mul, dim, per_head in self._value_split:
+            block = v[:, start:start + mul * dim].reshape(-1, self.heads, per_head, dim)
+            block = block * alpha[:, :, None, None]
+            out.append(scatter(block, dst, dim=0, dim_size=n, reduce="sum").reshape(n, -1))
+            start += mul * dim
+        return torch.cat(out, dim=-1)
+
+    def forward(self, h, edge_src, edge_dst, sh, rbf):
+        n = h.shape[0]
+        hn = self.norm1(h)
+        x = self.lin_dst(hn)[edge_dst] + self.lin_src(hn)[edge_src]          # (2)
+        f = self.lin_f(self.tp_msg(x, sh, self.rbf_mlp(rbf)))                 # (3)
+        f0 = f[:, :self.n_att].reshape(-1, self.heads, 16)
+        zeta = (nn.functional.leaky_relu(f0, 0.2) * self.alpha).sum(-1)      # (4)
+        alpha = self.att_drop(softmax(zeta, edge_dst, num_nodes=n))           # (5)
+        mu = self.value_gate(f[:, self.n_att:])                               # (6)
+        v = self.lin_val(self.tp_val(mu, sh))                                 # (7)
+        h = h + self.drop(self.lin_out(self._weighted_sum(v, alpha, edge_dst, n)))  # (8)
+        ff = self.ffn_out(self.ffn_gate(self.ffn_in(self.norm2(h))))
+        return h + self.drop(ff)
+
+
+class Crysformer(nn.Module):
+    """Crystal graph -> one value per target (in normalised units) for each crystal."""
+
+    def __init__(self, cfg: CrysformerConfig, atom_table: torch.Tensor) -> None:
+        super().__init__()
+        self.cfg = cfg
+        irreps = node_irreps(cfg)
+        self.irreps_sh = o3.Irreps.spherical_harmonics(cfg.lmax)
+        self.register_buffer("atom_table", atom_table.float())
+        self.embed = nn.Linear(atom_table.shape[1], cfg.scalars)
+        self.rbf = GaussianRBF(cfg.rbf, cfg.rbf_cutoff)
+        self.to_irreps = o3.Linear(o3.Irreps(f"{cfg.scalars}x0e"), irreps)
+        self.blocks = nn.ModuleList(
+            AttentionBlock(cfg, irreps, self.irreps_sh) for _ in range(cfg.layers))
+        self.norm = EquivariantLayerNorm(irreps)
+        self.n_scalar = cfg.scalars
+        self.head = nn.Sequential(
+            nn.Linear(cfg.scalars, cfg.scalars), nn.SiLU(), nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.scalars, len(cfg.targets)))
+
+    def forward(self, z: torch.Tensor, edge_index: torch.Tensor, edge_vec: torch.Tensor,
+                batch: torch.Tensor, num_graphs: int) -> torch.Tensor:
+        src, dst = edge_index[0], edge_index[1]
+        dist = edge_vec.norm(dim=-1)
+        sh = o3.spherical_harmonics(self.irreps_sh, edge_vec, normalize=True,
+                                    normalization="component")
+        rbf = self.rbf(dist)
+        h = self.to_irreps(self.embed(self.atom_table[z]))
+        for block in self.blocks:
+            h = block(h, src, dst, sh, rbf)
+        scalars = self.norm(h)[:, :self.n_scalar]
+        per_atom = self.head(scalars)
+        return scatter(per_atom, batch, dim=0, dim_size=num_graphs, reduce="mean")  # (9)

@@ -1,0 +1,159 @@
+"""Batched prediction with an uncertainty, from the shipped (or any) Crysformer models.
+
+A predictor holds an ensemble of exported models plus the calibration scales of the
+model card. Structures that cannot be used are returned as rows with an error, so one bad
+file never costs the rest of a batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from pymatgen.core import Structure
+from torch_geometric.data import Batch, Data
+
+from matcouple.errors import MatcoupleError
+from matcouple.settings import get_settings
+from matcouple.surrogate.graph import GraphSpec, structure_to_graph
+from matcouple.surrogate.model import Crysformer, CrysformerConfig
+from matcouple.surrogate.train import MODEL_FORMAT
+from matcouple.surrogate.uncertainty import combine
+
+NON_NEGATIVE = {"band_gap"}
+
+
+@dataclass
+class Prediction:
+    """One structure's prediction: value and calibrated sigma per target, or an error."""
+
+    id: str
+    values: dict[str, float] = field(default_factory=dict)
+    sigmas: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+def load_model(path: Path, device: torch.device) -> tuple[Crysformer, dict]:
+    if not Path(path).exists():
+        raise MatcoupleError(f"model file {path} not found (train one with "
+                             "`matcouple train surrogate` or use the shipped models)")
+    blob = torch.load(path, weights_only=True, map_location="cpu")
+    if blob.get("format") != MODEL_FORMAT:
+        raise MatcoupleError(f"{path} is not an exported Crysformer model")
+    cfg = blob["model_config"]
+    cfg = CrysformerConfig(**{**cfg, "targets": tuple(cfg["targets"])})
+    model = Crysformer(cfg, blob["state_dict"]["atom_table"])
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval(), blob
+
+
+class SurrogatePredictor:
+    """An ensemble of Crysformer models with calibrated uncertainties."""
+
+    def __init__(self, model_paths: Sequence[Path], *, card: dict | None = None,
+                 device: str | None = None, mc_samples: int = 0) -> None:
+        if not model_paths:
+            raise MatcoupleError("no surrogate model files given")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        loaded = [load_model(Path(p), self.device) for p in model_paths]
+        self.models = [m for m, _ in loaded]
+        self.blobs = [b for _, b in loaded]
+        first = self.blobs[0]
+        self.targets = tuple(first["model_config"]["targets"])
+        self.spec = GraphSpec(**first["graph_spec"])
+        for b in self.blobs[1:]:
+            if tuple(b["model_config"]["targets"]) != self.targets or \
+                    GraphSpec(**b["graph_spec"]) != self.spec:
+                raise MatcoupleError("ensemble members disagree on targets or graph settings")
+        if len(self.models) < 2 and mc_samples < 2:
+            raise MatcoupleError("an uncertainty needs >= 2 ensemble members or "
+                                 "--mc-samples >= 2")
+        self.mc_samples = mc_samples
+        self.card = card or {}
+        mode = self.mode
+        scales = self.card.get("calibration", {}).get(mode, {})
+        self.scales = {t: float(scales.get(t, {}).get("scale", 1.0)) for t in self.targets}
+        self.calibrated = bool(scales)
+        self.version = self.card.get("version", "uncalibrated")
+
+    @property
+    def mode(self) -> str:
+        return f"ensemble{len(self.models)}" + (f"+mc{self.mc_samples}" if self.mc_samples
+                                                 else "")
+
+    @classmethod
+    def default(cls, *, device: str | None = None, mc_samples: int = 0,
+                model_dir: Path | None = None) -> SurrogatePredictor:
+        """The models shipped with matcouple (``Settings.surrogate_model_dir``)."""
+        folder = Path(model_dir or get_settings().surrogate_model_dir)
+        card_path = folder / "model_card.json"
+        if not card_path.exists():
+            raise MatcoupleError(f"no model card in {folder}: train and calibrate first")
+        card = json.loads(card_path.read_text())
+        return cls([folder / m for m in card["members"]], card=card, device=device,
+                   mc_samples=mc_samples)
+
+    def graph(self, structure: Structure) -> Data:
+        g = structure_to_graph(structure, self.spec)
+        return Data(z=g["z"], edge_index=g["edge_index"], edge_vec=g["edge_vec"],
+                    num_nodes=len(g["z"]))
+
+    @torch.no_grad()
+    def predict_graphs(self, graphs: list[Data], batch_size: int = 256
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and calibrated sigma, each (N, targets), in physical units."""
+        means, variances = [], []
+        for model, blob in zip(self.models, self.blobs, strict=True):
+            mean_t, std_t = blob["norm_mean"].to(self.device), blob["norm_std"].to(self.device)
+            m_out, v_out = [], []
+            for start in range(0, len(graphs), batch_size):
+                batch = Batch.from_data_list(graphs[start:start + batch_size]).to(self.device)
+                args = (batch.z, batch.edge_index, batch.edge_vec, batch.batch,
+                        batch.num_graphs)
+                if self.mc_samples:
+                    model.train()  # dropout on: MC samples
+                    samples = torch.stack([model(*args) for _ in range(self.mc_samples)])
+                    model.eval()
+                    samples = samples * std_t + mean_t
+                    m_out.append(samples.mean(0))
+                    v_out.append(samples.var(0, unbiased=False))
+                else:
+                    pred = model(*args) * std_t + mean_t
+                    m_out.append(pred)
+                    v_out.append(torch.zeros_like(pred))
+            means.append(torch.cat(m_out).cpu().numpy())
+            variances.append(torch.cat(v_out).cpu().numpy())
+        mean, sigma = combine(np.stack(means), np.stack(variances))
+        for j, t in enumerate(self.targets):
+            sigma[:, j] *= self.scales[t]
+            if t in NON_NEGATIVE:
+                mean[:, j] = np.maximum(mean[:, j], 0.0)
+        return mean, sigma
+
+    def predict(self, items: Sequence[tuple[str, Structure | Exception]],
+                batch_size: int = 256) -> list[Prediction]:
+        """Predict ``(id, structure)`` pairs; an Exception in place of a structure (or one
+        raised while building its graph) becomes that row's error."""
+        rows = [Prediction(id=i) for i, _ in items]
+        graphs, where = [], []
+        for k, (_, s) in enumerate(items):
+            if isinstance(s, Exception):
+                rows[k].error = str(s)
+                continue
+            try:
+                graphs.append(self.graph(s))
+                where.append(k)
+            except MatcoupleError as exc:
+                rows[k].error = str(exc)
+        if graphs:
+            mean, sigma = self.predict_graphs(graphs, batch_size)
+            for row_idx, m, s in zip(where, mean, sigma, strict=True):
+                rows[row_idx].values = {t: float(v) for t, v in zip(self.targets, m,
+                                                                     strict=True)}
+                rows[row_idx].sigmas = {t: float(v) for t, v in zip(self.targets, s,
+                                                                    strict=True)}
+        return rows

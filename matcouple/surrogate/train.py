@@ -1,0 +1,283 @@
+"""Train Crysformer in resumable chunks.
+
+A training checkpoint holds weights, optimizer and scheduler state, the normalisation of
+the targets, all hyper-parameters, the data hash, the loss history and the best weights
+so far; ``--minutes`` bounds one chunk so long runs survive 10-minute job limits, and a
+re-run with the same ``--out`` continues where the last chunk stopped. Everything in it
+loads with ``torch.load(weights_only=True)``. ``export_model`` writes the small file that
+is shipped and used for prediction.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch_geometric.loader import DataLoader
+from tqdm import tqdm
+
+from matcouple.errors import MatcoupleError
+from matcouple.surrogate.atom_features import atom_feature_table
+from matcouple.surrogate.data import load_graphs, table_hash
+from matcouple.surrogate.graph import GraphSpec
+from matcouple.surrogate.model import Crysformer, CrysformerConfig
+
+CHECKPOINT_FORMAT = "crysformer-train-v1"
+MODEL_FORMAT = "crysformer-model-v1"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (stored in the checkpoint)."""
+
+    data: str
+    targets: tuple[str, ...] = ("formation_energy_per_atom", "band_gap")
+    split_column: str = "megnet_split"
+    train_split: str = "train"
+    val_split: str = "val"
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 6e-4
+    weight_decay: float = 1e-5
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    limit_train: int | None = None
+    amp: bool = False
+    model: dict = field(default_factory=dict)
+    graph: dict = field(default_factory=dict)
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(warmup, 1)
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def evaluate(model: Crysformer, loader: DataLoader, mean: torch.Tensor, std: torch.Tensor,
+             device: torch.device) -> dict[str, float]:
+    """MAE per target in physical units (dropout off)."""
+    model.eval()
+    err = torch.zeros(len(model.cfg.targets), device=device)
+    n = 0
+    for batch in loader:
+        batch = batch.to(device)
+        pred = model(batch.z, batch.edge_index, batch.edge_vec, batch.batch, batch.num_graphs)
+        err += ((pred * std + mean) - batch.y).abs().sum(0)
+        n += batch.num_graphs
+    return {t: float(e / max(n, 1)) for t, e in zip(model.cfg.targets, err, strict=True)}
+
+
+def _score(mae: dict[str, float], std: torch.Tensor, targets) -> float:
+    return sum(mae[t] / float(s) for t, s in zip(targets, std, strict=True))
+
+
+def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
+          device: str | None = None, init_from: Path | None = None,
+          cache_dir: Path | None = None, workers: int | None = None,
+          progress: bool = True) -> dict:
+    """Run (or continue) training until ``cfg.epochs`` or the time budget; return the state."""
+    dev = _device(device)
+    torch.manual_seed(cfg.seed)
+    start_time = time.monotonic()
+    state = torch.load(out, weights_only=True, map_location="cpu") if out.exists() else None
+    if state is not None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise MatcoupleError(f"{out} is not a Crysformer training checkpoint")
+        saved = state["train_config"]
+        cfg = replace(cfg, **{k: (tuple(v) if k == "targets" else v) for k, v in saved.items()
+                              if k not in ("epochs",)})
+    model_cfg = CrysformerConfig(**{**cfg.model, "targets": tuple(cfg.targets)})
+    spec = GraphSpec(**cfg.graph)
+    data_path = Path(cfg.data)
+    train_set = load_graphs(data_path, cfg.targets, split_column=cfg.split_column,
+                            split=cfg.train_split, spec=spec, limit=cfg.limit_train,
+                            cache_dir=cache_dir, workers=workers, progress=progress)
+    val_set = load_graphs(data_path, cfg.targets, split_column=cfg.split_column,
+                          split=cfg.val_split, spec=spec, cache_dir=cache_dir,
+                          workers=workers, progress=progress)
+    if not train_set.graphs or not val_set.graphs:
+        raise MatcoupleError(f"no usable training/validation rows in {data_path}")
+    ys = torch.cat([g.y for g in train_set.graphs])
+    if state is not None:
+        mean, std = state["norm_mean"], state["norm_std"]
+    else:
+        mean, std = ys.mean(0), ys.std(0).clamp_min(1e-6)
+    table = torch.from_numpy(atom_feature_table())
+    model = Crysformer(model_cfg, table).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = math.ceil(len(train_set.graphs) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    epoch, step, history, best, best_score = 0, 0, [], None, float("inf")
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        epoch, step, history = state["epoch"], state["step"], state["history"]
+        best, best_score = state["best_state_dict"], state["best_score"]
+        gen.set_state(state["generator"])
+    elif init_from is not None:
+        _init_from(model, init_from)
+    loader = DataLoader(train_set.graphs, batch_size=cfg.batch_size, shuffle=True,
+                        generator=gen, drop_last=False)
+    val_loader = DataLoader(val_set.graphs, batch_size=256)
+    mean_d, std_d = mean.to(dev), std.to(dev)
+    use_amp = cfg.amp and dev.type == "cuda"
+    budget = None if minutes is None else minutes * 60
+    stopped_early = False
+    while epoch < cfg.epochs:
+        model.train()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                   leave=False)
+        running, count = 0.0, 0
+        for batch in bar:
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * _lr_factor(step, total_steps, warmup)
+            batch = batch.to(dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                pred = model(batch.z, batch.edge_index, batch.edge_vec, batch.batch,
+                             batch.num_graphs)
+            loss = (pred.float() - (batch.y - mean_d) / std_d).abs().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            step += 1
+            running += float(loss.detach()) * batch.num_graphs
+            count += batch.num_graphs
+            bar.set_postfix(loss=f"{running / count:.4f}")
+        epoch += 1
+        mae = evaluate(model, val_loader, mean_d, std_d, dev)
+        score = _score(mae, std, cfg.targets)
+        history.append({"epoch": epoch, "train_loss": running / max(count, 1),
+                        "elapsed_s": time.monotonic() - start_time,
+                        **{f"val_mae_{t}": v for t, v in mae.items()}})
+        if progress:
+            print(f"epoch {epoch}: train L1 {running / max(count, 1):.4f}  val MAE " +
+                  "  ".join(f"{t} {v:.4f}" for t, v in mae.items()), flush=True)
+        if score < best_score:
+            best_score = score
+            best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        state = {
+            "format": CHECKPOINT_FORMAT, "train_config": _plain(asdict(cfg)),
+            "model_config": _plain(model_cfg.as_dict()), "graph_spec": asdict(spec),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(), "generator": gen.get_state(), "epoch": epoch,
+            "step": step, "history": history, "best_state_dict": best,
+            "best_score": best_score, "norm_mean": mean, "norm_std": std,
+            "data_hash": table_hash(data_path), "n_train": len(train_set.graphs),
+            "n_val": len(val_set.graphs), "skipped_train": len(train_set.skipped),
+        }
+        _atomic_save(state, out)
+        if budget is not None and epoch < cfg.epochs:
+            per_epoch = (time.monotonic() - start_time) / max(len(history), 1)
+            if time.monotonic() - start_time + per_epoch > budget:
+                stopped_early = True
+                break
+    if progress and stopped_early:
+        print(f"time budget reached after epoch {epoch}; run again to continue", flush=True)
+    return state
+
+
+def _plain(d: dict) -> dict:
+    """Tuples -> lists, so the dict survives ``weights_only=True`` loading unchanged."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _init_from(model: Crysformer, path: Path) -> None:
+    """Transfer learning: copy every matching weight, keep new heads for new targets."""
+    blob = torch.load(path, weights_only=True, map_location="cpu")
+    source = blob.get("best_state_dict") or blob["state_dict"]
+    own = model.state_dict()
+    copied = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    if "head.3.weight" in copied and list(blob["model_config"]["targets"]) != list(
+            model.cfg.targets):
+        copied = {k: v for k, v in copied.items() if not k.startswith("head.3.")}
+    model.load_state_dict(copied, strict=False)
+
+
+def export_model(checkpoint: Path, out: Path, extra: dict | None = None) -> dict:
+    """Write the small inference file (best weights + everything needed to use them)."""
+    state = torch.load(checkpoint, weights_only=True, map_location="cpu")
+    history = state["history"]
+    best_epoch = min(history, key=lambda h: sum(
+        h[f"val_mae_{t}"] / float(s) for t, s in zip(state["model_config"]["targets"],
+                                                      state["norm_std"], strict=True)))
+    model = {
+        "format": MODEL_FORMAT, "model_config": state["model_config"],
+        "graph_spec": state["graph_spec"], "state_dict": state["best_state_dict"],
+        "norm_mean": state["norm_mean"], "norm_std": state["norm_std"],
+        "data_hash": state["data_hash"], "train_config": state["train_config"],
+        "epochs_trained": state["epoch"], "best_epoch": best_epoch["epoch"],
+        "val_mae": {t: best_epoch[f"val_mae_{t}"]
+                    for t in state["model_config"]["targets"]},
+        **(extra or {}),
+    }
+    _atomic_save(model, out)
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m matcouple.surrogate.train``: the same as ``matcouple train surrogate``."""
+    import argparse
+
+    from matcouple.settings import get_settings
+
+    p = argparse.ArgumentParser(description="Train Crysformer (resumable).")
+    p.add_argument("--data", default=str(get_settings().data_dir / get_settings().datasets[
+        "mp2018"]))
+    p.add_argument("--targets", default="formation_energy_per_atom,band_gap")
+    p.add_argument("--split-column", default="megnet_split")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--minutes", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit-train", type=int, default=None)
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--init-from", type=Path, default=None)
+    p.add_argument("--cache-dir", type=Path, default=get_settings().graph_cache_dir)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--model", default="", help="e.g. scalars=128,vectors=32,layers=4")
+    p.add_argument("--export", type=Path, default=None, help="also write the model file")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    model = {}
+    for item in filter(None, a.model.split(",")):
+        key, value = item.split("=")
+        model[key] = float(value) if key in ("dropout", "rbf_cutoff") else int(value)
+    cfg = TrainConfig(data=a.data, targets=tuple(a.targets.split(",")),
+                      split_column=a.split_column, train_split=a.train_split,
+                      val_split=a.val_split, epochs=a.epochs, batch_size=a.batch_size,
+                      lr=a.lr, seed=a.seed, limit_train=a.limit_train, amp=a.amp, model=model)
+    train(cfg, a.out, minutes=a.minutes, device=a.device, init_from=a.init_from,
+          cache_dir=a.cache_dir, workers=a.workers, progress=not a.quiet)
+    if a.export:
+        info = export_model(a.out, a.export)
+        print(f"exported {a.export}: best epoch {info['best_epoch']}, val MAE {info['val_mae']}")
+
+
+if __name__ == "__main__":
+    main()
