@@ -33,7 +33,8 @@ class GraphSet:
     skipped: list[tuple[str, str]]
 
 
-def _row_graph(args: tuple) -> Data | tuple[str, str]:
+def _row_graph(args: tuple) -> dict | tuple[str, str]:
+    """Worker: one row -> numpy arrays (torch tensors would travel as file descriptors)."""
     material_id, text, fmt, labels, spec = args
     try:
         if any(v is None or not math.isfinite(v) for v in labels):
@@ -43,9 +44,14 @@ def _row_graph(args: tuple) -> Data | tuple[str, str]:
         return (material_id, str(exc))
     except Exception as exc:  # a pathological row must not sink the whole table
         return (material_id, f"{type(exc).__name__}: {exc}")
-    return Data(z=g["z"], edge_index=g["edge_index"], edge_vec=g["edge_vec"],
-                y=torch.tensor([labels], dtype=torch.float32), num_nodes=len(g["z"]),
-                material_id=material_id)
+    return {"id": material_id, "labels": labels, **{k: v.numpy() for k, v in g.items()}}
+
+
+def _to_data(row: dict) -> Data:
+    return Data(z=torch.from_numpy(row["z"]), edge_index=torch.from_numpy(row["edge_index"]),
+                edge_vec=torch.from_numpy(row["edge_vec"]),
+                y=torch.tensor([row["labels"]], dtype=torch.float32),
+                num_nodes=len(row["z"]), material_id=row["id"])
 
 
 def _float(value) -> float | None:
@@ -123,8 +129,8 @@ def load_graphs(
             results.append(_row_graph(job))
             bar.update()
     bar.close()
-    graphs = [r for r in results if isinstance(r, Data)]
-    skipped = [r for r in results if not isinstance(r, Data)]
+    graphs = [_to_data(r) for r in results if isinstance(r, dict)]
+    skipped = [r for r in results if not isinstance(r, dict)]
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"graphs": graphs, "skipped": skipped}, cache)
