@@ -136,8 +136,12 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
         gen.set_state(state["generator"])
     elif init_from is not None:
         _init_from(model, init_from)
+    on_gpu = dev.type == "cuda"
+    if on_gpu:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
     loader = DataLoader(train_set.graphs, batch_size=cfg.batch_size, shuffle=True,
-                        generator=gen, drop_last=False)
+                        generator=gen, drop_last=False, num_workers=3 if on_gpu else 0,
+                        persistent_workers=on_gpu, pin_memory=on_gpu)
     val_loader = DataLoader(val_set.graphs, batch_size=256)
     mean_d, std_d = mean.to(dev), std.to(dev)
     use_amp = cfg.amp and dev.type == "cuda"
@@ -151,7 +155,7 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
         for batch in bar:
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * _lr_factor(step, total_steps, warmup)
-            batch = batch.to(dev)
+            batch = batch.to(dev, non_blocking=True)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
                 pred = model(batch.z, batch.edge_index, batch.edge_vec, batch.batch,
                              batch.num_graphs)
