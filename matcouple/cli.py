@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from matcouple.errors import MatcoupleError
+from matcouple.surrogate import cli as surrogate_cli
 
 app = typer.Typer(
     help="Couple AI models with DFT on a FireWorks/MongoDB LaunchPad.",
@@ -25,6 +26,8 @@ screen_app = typer.Typer(help="Screening workflows (symmetry, density) on the La
 app.add_typer(db_app, name="db")
 app.add_typer(data_app, name="data")
 app.add_typer(screen_app, name="screen")
+app.add_typer(surrogate_cli.train_app, name="train")
+app.command("predict")(surrogate_cli.predict)
 
 console = Console()
 err = Console(stderr=True)

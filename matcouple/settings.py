@@ -45,6 +45,7 @@ class Settings:
     db_start_timeout_s: float = 60.0
     materials_collection: str = "materials"
     screening_collection: str = "screening"
+    predictions_collection: str = "predictions"
     # Structures per screening Firework: one Firework per batch of cheap work.
     screening_batch_size: int = 64
     # Cells beyond these limits are refused at ingest (empty or absurd cells).

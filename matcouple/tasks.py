@@ -8,6 +8,7 @@ same file ``rlaunch``/``qlaunch`` use, so results land next to the workflow that
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 from fireworks import FiretaskBase, FWAction, explicit_serialize
 from pymatgen.core import Structure
@@ -16,6 +17,7 @@ from matcouple.settings import get_settings
 from matcouple.store.connection import LaunchpadConfig, open_database
 from matcouple.store.results import store_results
 from matcouple.structures.descriptors import screening_summary
+from matcouple.surrogate.records import prediction_document
 
 
 def as_structure(value: Structure | dict) -> Structure:
@@ -52,3 +54,31 @@ class ScreenTask(FiretaskBase):
         collection = self.get("collection", settings.screening_collection)
         n = store_results(_database(self), collection, self["run"], results)
         return FWAction(stored_data={"stored": n, "collection": collection, "run": self["run"]})
+
+
+@functools.lru_cache(maxsize=2)
+def _predictor(model_dir: str | None, mc_samples: int):
+    from matcouple.surrogate.predict import SurrogatePredictor
+
+    return SurrogatePredictor.default(mc_samples=mc_samples,
+                                      model_dir=Path(model_dir) if model_dir else None)
+
+
+@explicit_serialize
+class PredictTask(FiretaskBase):
+    """Crysformer predictions (value, calibrated sigma, model version) for a batch."""
+
+    required_params = ["structures"]
+    optional_params = ["collection", "mc_samples", "model_dir", "launchpad_file", "run"]
+
+    def run_task(self, fw_spec: dict) -> FWAction:
+        predictor = _predictor(self.get("model_dir"), int(self.get("mc_samples", 0)))
+        items = [(item["id"], as_structure(item["structure"])) for item in self["structures"]]
+        rows = predictor.predict(items)
+        collection = self.get("collection", get_settings().predictions_collection)
+        docs = [prediction_document(r, predictor, self.get("run")) for r in rows]
+        n = store_results(_database(self), collection, predictor.version, docs)
+        failed = [r.id for r in rows if r.error]
+        return FWAction(stored_data={"stored": n, "failed": failed,
+                                     "model_version": predictor.version},
+                        update_spec={"predictions": {d["structure_id"]: d for d in docs}})

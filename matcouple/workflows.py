@@ -13,7 +13,7 @@ from fireworks import Firework, Workflow
 from pymatgen.core import Structure
 
 from matcouple.settings import get_settings
-from matcouple.tasks import ScreenTask
+from matcouple.tasks import PredictTask, ScreenTask
 
 
 def _batches(items: Sequence, size: int) -> list[Sequence]:
@@ -48,3 +48,29 @@ def screening_workflow(
         fireworks, name=f"screening {run}",
         metadata={"matcouple": "screening", "run": run, "n_structures": len(structures)},
     )
+
+
+def prediction_workflow(
+    structures: Sequence[tuple[str, Structure]],
+    *,
+    batch_size: int = 256,
+    mc_samples: int = 0,
+    category: str | None = "ai",
+    launchpad_file: str | None = None,
+    run: str | None = None,
+) -> Workflow:
+    """Crysformer predictions for ``(id, structure)`` pairs, one Firework per batch."""
+    if not structures:
+        raise ValueError("no structures to predict")
+    fireworks = []
+    for i, batch in enumerate(_batches(list(structures), batch_size)):
+        params: dict = {"structures": [{"id": sid, "structure": s.as_dict()}
+                                       for sid, s in batch], "mc_samples": mc_samples}
+        if launchpad_file:
+            params["launchpad_file"] = launchpad_file
+        if run:
+            params["run"] = run
+        spec = {"_category": category} if category else {}
+        fireworks.append(Firework([PredictTask(**params)], spec=spec, name=f"predict #{i}"))
+    return Workflow(fireworks, name=f"predict {run or len(structures)}",
+                    metadata={"matcouple": "predict", "n_structures": len(structures)})

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import os
-import socket
-import uuid
-from pathlib import Path
 
-import pytest
-import yaml
-from pymatgen.core import Lattice, Structure
+# One BLAS/OpenMP thread per test process: the suite runs servers and workers beside it on
+# a 2-core machine, and oversubscribed OpenMP threads spin (a tiny training step went 7x
+# slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from matcouple.store.connection import LaunchpadConfig
-from matcouple.store.server import EmbeddedServer
+import socket  # noqa: E402
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from pymatgen.core import Lattice, Structure  # noqa: E402
+
+from matcouple.store.connection import LaunchpadConfig  # noqa: E402
+from matcouple.store.server import EmbeddedServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -92,8 +92,9 @@ def _score(mae: dict[str, float], std: torch.Tensor, targets) -> float:
 def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
           device: str | None = None, init_from: Path | None = None,
           cache_dir: Path | None = None, workers: int | None = None,
-          progress: bool = True) -> dict:
-    """Run (or continue) training until ``cfg.epochs`` or the time budget; return the state."""
+          progress: bool = True, chunk_epochs: int | None = None) -> dict:
+    """Run (or continue) training until ``cfg.epochs``, the time budget or ``chunk_epochs``
+    more epochs, whichever comes first; return the checkpointed state."""
     dev = _device(device)
     torch.manual_seed(cfg.seed)
     start_time = time.monotonic()
@@ -134,6 +135,7 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
         epoch, step, history = state["epoch"], state["step"], state["history"]
         best, best_score = state["best_state_dict"], state["best_score"]
         gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])  # dropout masks continue as if unbroken
     elif init_from is not None:
         _init_from(model, init_from)
     on_gpu = dev.type == "cuda"
@@ -147,7 +149,8 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
     use_amp = cfg.amp and dev.type == "cuda"
     budget = None if minutes is None else minutes * 60
     stopped_early = False
-    while epoch < cfg.epochs:
+    last_epoch = cfg.epochs if chunk_epochs is None else min(cfg.epochs, epoch + chunk_epochs)
+    while epoch < last_epoch:
         model.train()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                    leave=False)
@@ -184,7 +187,8 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
             "format": CHECKPOINT_FORMAT, "train_config": _plain(asdict(cfg)),
             "model_config": _plain(model_cfg.as_dict()), "graph_spec": asdict(spec),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": opt.state_dict(), "generator": gen.get_state(), "epoch": epoch,
+            "optimizer": opt.state_dict(), "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(), "epoch": epoch,
             "step": step, "history": history, "best_state_dict": best,
             "best_score": best_score, "norm_mean": mean, "norm_std": std,
             "data_hash": table_hash(data_path), "n_train": len(train_set.graphs),

@@ -1,0 +1,129 @@
+"""`matcouple train surrogate` and `matcouple predict`."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from matcouple.errors import MatcoupleError
+
+train_app = typer.Typer(help="Train models on the GPU or CPU, resumably.", no_args_is_help=True)
+console = Console()
+err = Console(stderr=True)
+
+
+@train_app.command("surrogate")
+def train_surrogate(
+    out: Path = typer.Option(..., help="Training checkpoint (re-run to continue it)."),
+    data: Path | None = typer.Option(None, help="Labelled CSV (default: MP 2018.6.1)."),
+    targets: str = typer.Option("formation_energy_per_atom,band_gap"),
+    split_column: str = typer.Option("megnet_split"),
+    epochs: int = typer.Option(60),
+    minutes: float | None = typer.Option(None, help="Stop this chunk after N minutes."),
+    batch_size: int = typer.Option(64),
+    lr: float = typer.Option(6e-4),
+    seed: int = typer.Option(0),
+    limit_train: int | None = typer.Option(None, help="Use the first N training rows."),
+    init_from: Path | None = typer.Option(None, help="Fine-tune from this checkpoint."),
+    device: str | None = typer.Option(None, help="cuda, cpu (default: cuda if present)."),
+    export: Path | None = typer.Option(None, help="Also write the inference model file."),
+) -> None:
+    """Train Crysformer on a labelled table (resumable; checkpoint after every epoch)."""
+    from matcouple.settings import get_settings
+    from matcouple.surrogate.train import TrainConfig, export_model, train
+
+    settings = get_settings()
+    cfg = TrainConfig(
+        data=str(data or settings.data_dir / settings.datasets["mp2018"]),
+        targets=tuple(targets.split(",")), split_column=split_column, epochs=epochs,
+        batch_size=batch_size, lr=lr, seed=seed, limit_train=limit_train)
+    try:
+        train(cfg, out, minutes=minutes, device=device, init_from=init_from,
+              cache_dir=settings.graph_cache_dir)
+        if export:
+            info = export_model(out, export)
+            console.print(f"exported {export}: val MAE {info['val_mae']}")
+    except MatcoupleError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+
+
+def _read_inputs(paths: list[Path]) -> list[tuple[str, object]]:
+    """(id, Structure or the exception that refused it) for files, folders and CSVs."""
+    from matcouple.datasets import ID_COLUMNS, read_table
+    from matcouple.structures.io import (
+        find_structure_files,
+        structure_from_file,
+        structure_from_text,
+    )
+
+    items: list[tuple[str, object]] = []
+    for path in paths:
+        if path.is_file() and path.name.endswith((".csv", ".csv.gz")):
+            frame = read_table(path)
+            id_col = next((c for c in ID_COLUMNS if c in frame.columns), None)
+            col = "cif" if "cif" in frame.columns else "poscar"
+            if col not in frame.columns:
+                raise MatcoupleError(f"{path} has no 'cif' or 'poscar' column")
+            for i, rec in enumerate(frame.to_dict("records")):
+                mid = str(rec[id_col]) if id_col else f"{path.stem}:{i}"
+                try:
+                    items.append((mid, structure_from_text(rec[col], col)))
+                except MatcoupleError as exc:
+                    items.append((mid, exc))
+            continue
+        for file in find_structure_files([path]):
+            try:
+                items.append((file.name, structure_from_file(file)))
+            except MatcoupleError as exc:
+                items.append((file.name, exc))
+    return items
+
+
+def predict(
+    paths: list[Path] = typer.Argument(..., help="CIF/POSCAR files, folders or a CSV."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write a CSV here."),
+    mc_samples: int = typer.Option(0, help="MC-dropout passes per ensemble member."),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda if present)."),
+    batch_size: int = typer.Option(128),
+) -> None:
+    """Formation energy and band gap, each with a calibrated sigma, for each structure."""
+    from matcouple.surrogate.predict import SurrogatePredictor
+
+    try:
+        items = _read_inputs(paths)
+        if not items:
+            raise MatcoupleError("no structures found in the given paths")
+        predictor = SurrogatePredictor.default(device=device, mc_samples=mc_samples)
+        rows = predictor.predict(items, batch_size=batch_size)
+    except MatcoupleError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    targets = predictor.targets
+    table = Table(title=f"Crysformer {predictor.version} ({predictor.mode}); "
+                        "sigma: calibrated 1-sigma")
+    table.add_column("id")
+    for t in targets:
+        table.add_column(t)
+    table.add_column("error")
+    for r in rows:
+        cells = [f"{r.values[t]:.3f} ± {r.sigmas[t]:.3f}" if not r.error else "" for t in
+                 targets]
+        table.add_row(r.id, *cells, r.error or "")
+    console.print(table)
+    if output:
+        with open(output, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["id", *[x for t in targets for x in (t, f"{t}_sigma")],
+                             "model_version", "error"])
+            for r in rows:
+                vals = [x for t in targets for x in (
+                    (f"{r.values[t]:.6g}", f"{r.sigmas[t]:.6g}") if not r.error else ("", ""))]
+                writer.writerow([r.id, *vals, predictor.version, r.error or ""])
+        console.print(f"wrote {output}")
+    if all(r.error for r in rows):
+        raise typer.Exit(1)

@@ -1,0 +1,88 @@
+"""Crysformer's graph and model: physics-respecting invariances, training mechanics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pymatgen.core import Lattice, Structure
+from scipy.spatial.transform import Rotation
+
+from matcouple.errors import StructureInputError
+from matcouple.surrogate.atom_features import atom_feature_table
+from matcouple.surrogate.graph import GraphSpec, structure_to_graph
+from matcouple.surrogate.model import Crysformer, CrysformerConfig
+
+TINY = CrysformerConfig(scalars=16, vectors=8, tensors=4, layers=2, heads=4, rbf=8,
+                        dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> Crysformer:
+    torch.manual_seed(0)
+    return Crysformer(TINY, torch.from_numpy(atom_feature_table())).double().eval()
+
+
+def predict(model: Crysformer, s: Structure) -> torch.Tensor:
+    g = structure_to_graph(s)
+    with torch.no_grad():
+        return model(g["z"], g["edge_index"], g["edge_vec"].double(),
+                     torch.zeros(len(s), dtype=torch.long), 1)
+
+
+@pytest.fixture()
+def skewed() -> Structure:
+    lattice = Lattice([[3.1, 0.2, 0.0], [1.9, 3.3, 0.1], [0.3, 0.2, 5.2]])
+    return Structure(lattice, ["Ga", "N", "Ga", "N"],
+                     [[0, 0, 0], [0.33, 0.66, 0.37], [0.5, 0.5, 0.5], [0.1, 0.8, 0.9]])
+
+
+def test_knn_keeps_ties_and_periodic_images():
+    bcc = Structure(Lattice.cubic(2.87), ["Fe", "Fe"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    g = structure_to_graph(bcc)
+    per_atom = torch.bincount(g["edge_index"][1])
+    assert per_atom.tolist() == [14, 14]  # 8 at a*sqrt(3)/2 and all 6 at a, not 12
+    d = g["edge_vec"].norm(dim=1)
+    assert torch.allclose(d.min(), torch.tensor(2.87 * 3**0.5 / 2), atol=1e-4)
+    fcc_primitive = Lattice([[0, 1.8, 1.8], [1.8, 0, 1.8], [1.8, 1.8, 0]])
+    single = Structure(fcc_primitive, ["Cu"], [[0, 0, 0]])
+    g1 = structure_to_graph(single)
+    assert g1["edge_index"].shape[1] >= 12  # all neighbours are images of the one atom
+    assert torch.allclose(g1["edge_vec"].norm(dim=1)[:12], torch.tensor(3.6 / 2**0.5),
+                          atol=1e-4)
+
+
+def test_uncovered_element_and_empty_cell_are_named():
+    with pytest.raises(StructureInputError, match="Am not covered"):
+        structure_to_graph(Structure(Lattice.cubic(3.5), ["Am"], [[0, 0, 0]]))
+    with pytest.raises(StructureInputError, match="empty cell"):
+        structure_to_graph(Structure(Lattice.cubic(3), [], []))
+
+
+def test_invariances(tiny_model, skewed):
+    ref = predict(tiny_model, skewed)
+    rot = Rotation.random(random_state=3).as_matrix()
+    rotated = Structure(Lattice(skewed.lattice.matrix @ rot.T), skewed.species,
+                        skewed.frac_coords)
+    order = [2, 0, 3, 1]
+    permuted = Structure(skewed.lattice, [skewed.species[i] for i in order],
+                         skewed.frac_coords[order])
+    shifted = skewed.copy()
+    shifted.translate_sites(list(range(len(shifted))), [0.31, 0.12, 0.77])
+    other_cell = skewed.copy()
+    other_cell.make_supercell([[1, 1, 0], [0, 1, 0], [0, 0, 2]])
+    reduced = skewed.get_reduced_structure("niggli")
+    for name, s in [("rotation", rotated), ("permutation", permuted),
+                    ("translation", shifted), ("supercell", other_cell),
+                    ("niggli cell", reduced)]:
+        assert torch.allclose(predict(tiny_model, s), ref, atol=1e-8), name
+    # ... and the model is not trivially constant.
+    squeezed = Structure(skewed.lattice.matrix * 0.9, skewed.species, skewed.frac_coords)
+    assert not torch.allclose(predict(tiny_model, squeezed), ref, atol=1e-6)
+
+
+def test_graph_spec_is_respected(skewed):
+    g6 = structure_to_graph(skewed, GraphSpec(k=6))
+    g12 = structure_to_graph(skewed, GraphSpec(k=12))
+    assert g6["edge_index"].shape[1] < g12["edge_index"].shape[1]
+    assert np.all(torch.bincount(g6["edge_index"][1]).numpy() >= 6)

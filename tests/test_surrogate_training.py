@@ -1,0 +1,88 @@
+"""Training mechanics on CPU with a tiny model on the CI subset: resumable, seeded, safe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from matcouple.errors import MatcoupleError
+from matcouple.settings import get_settings
+from matcouple.surrogate.atom_features import atom_feature_table
+from matcouple.surrogate.data import load_graphs
+from matcouple.surrogate.model import Crysformer, CrysformerConfig
+from matcouple.surrogate.predict import SurrogatePredictor
+from matcouple.surrogate.train import TrainConfig, _init_from, export_model, train
+
+CI = get_settings().data_dir / get_settings().datasets["mp2018-ci"]
+pytestmark = pytest.mark.skipif(not CI.exists(), reason="data sets not present")
+TINY = {"scalars": 8, "vectors": 4, "tensors": 4, "layers": 1, "heads": 4, "rbf": 8}
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(data=str(CI), split_column="ci_split", epochs=3, batch_size=8, lr=3e-3,
+                limit_train=24, model=TINY, seed=7)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_is_seamless_and_seeded(tmp_path):
+    full = train(_cfg(), tmp_path / "a.pt", progress=False, workers=1)
+    part = train(_cfg(), tmp_path / "b.pt", progress=False, workers=1, chunk_epochs=2)
+    assert part["epoch"] == 2
+    resumed = train(_cfg(), tmp_path / "b.pt", progress=False, workers=1)
+    assert resumed["epoch"] == 3
+    assert [h["train_loss"] for h in full["history"]] == pytest.approx(
+        [h["train_loss"] for h in resumed["history"]], rel=1e-5)
+    state = torch.load(tmp_path / "a.pt", weights_only=True)  # safe loading works
+    assert state["data_hash"] and state["train_config"]["seed"] == 7
+    assert full["history"][-1]["train_loss"] < full["history"][0]["train_loss"]
+
+
+def test_export_and_predict_with_two_members(tmp_path, silicon):
+    for seed in (1, 2):
+        train(_cfg(seed=seed, epochs=1), tmp_path / f"c{seed}.pt", progress=False, workers=1)
+        export_model(tmp_path / f"c{seed}.pt", tmp_path / f"m{seed}.pt")
+    predictor = SurrogatePredictor([tmp_path / "m1.pt", tmp_path / "m2.pt"])
+    rows = predictor.predict([("si", silicon), ("bad", ValueError("unreadable"))])
+    assert rows[1].error == "unreadable" and rows[0].error is None
+    assert rows[0].sigmas["band_gap"] > 0 and rows[0].values["band_gap"] >= 0
+    with pytest.raises(MatcoupleError, match="needs >= 2"):
+        SurrogatePredictor([tmp_path / "m1.pt"])
+    mc = SurrogatePredictor([tmp_path / "m1.pt"], mc_samples=2)
+    assert mc.mode == "ensemble1+mc2"
+    with pytest.raises(MatcoupleError, match="not found"):
+        SurrogatePredictor([tmp_path / "nope.pt", tmp_path / "m1.pt"])
+
+
+def test_nan_labels_and_bad_rows_are_skipped_with_reasons(tmp_path, silicon):
+    path = tmp_path / "t.csv"
+    pd.DataFrame([
+        {"material_id": "ok", "cif": silicon.to(fmt="cif"), "e": 0.1},
+        {"material_id": "nan", "cif": silicon.to(fmt="cif"), "e": float("nan")},
+        {"material_id": "junk", "cif": "not a cif", "e": 1.0},
+    ]).to_csv(path, index=False)
+    gs = load_graphs(Path(path), ("e",), progress=False, workers=1)
+    assert [g.material_id for g in gs.graphs] == ["ok"]
+    reasons = dict(gs.skipped)
+    assert "NaN" in reasons["nan"] and "malformed" in reasons["junk"]
+
+
+def test_transfer_learning_to_a_new_target(tmp_path):
+    train(_cfg(epochs=1), tmp_path / "base.pt", progress=False, workers=1)
+    base = torch.load(tmp_path / "base.pt", weights_only=True)["best_state_dict"]
+    new = Crysformer(CrysformerConfig(**TINY, targets=("heat_ref",)),
+                     torch.from_numpy(atom_feature_table()))
+    _init_from(new, tmp_path / "base.pt")
+    own = new.state_dict()
+    assert torch.equal(own["blocks.0.lin_val.weight"], base["blocks.0.lin_val.weight"])
+    assert own["head.3.weight"].shape[0] == 1  # a fresh head for the new target
+    perov = get_settings().data_dir / get_settings().datasets["perov5"]
+    cfg = TrainConfig(data=str(perov), targets=("heat_ref",), split_column="split",
+                      train_split="val", val_split="test", epochs=1, batch_size=16,
+                      limit_train=32, model=TINY)
+    tl = train(cfg, tmp_path / "tl.pt", init_from=tmp_path / "base.pt", progress=False,
+               workers=1)
+    assert tl["epoch"] == 1 and tl["model_config"]["targets"] == ["heat_ref"]
