@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,14 @@ def load_model(path: Path, device: torch.device) -> tuple[Crysformer, dict]:
     model = Crysformer(cfg, blob["state_dict"]["atom_table"])
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval(), blob
+
+
+def _graph_or_error(structure: Structure, spec: GraphSpec) -> dict | str:
+    """Graph arrays of one structure, or the reason it has none (picklable both ways)."""
+    try:
+        return {k: v.numpy() for k, v in structure_to_graph(structure, spec).items()}
+    except MatcoupleError as exc:
+        return str(exc)
 
 
 class SurrogatePredictor:
@@ -135,20 +144,32 @@ class SurrogatePredictor:
         return mean, sigma
 
     def predict(self, items: Sequence[tuple[str, Structure | Exception]],
-                batch_size: int = 256) -> list[Prediction]:
+                batch_size: int = 256, workers: int = 1) -> list[Prediction]:
         """Predict ``(id, structure)`` pairs; an Exception in place of a structure (or one
-        raised while building its graph) becomes that row's error."""
+        raised while building its graph) becomes that row's error. ``workers`` > 1 builds
+        the graphs in that many processes (the CPU side of GPU inference)."""
         rows = [Prediction(id=i) for i, _ in items]
         graphs, where = [], []
-        for k, (_, s) in enumerate(items):
+        todo = [(k, s) for k, (_, s) in enumerate(items)]
+        for k, s in todo:
             if isinstance(s, Exception):
                 rows[k].error = str(s)
-                continue
-            try:
-                graphs.append(self.graph(s))
+        todo = [(k, s) for k, s in todo if not isinstance(s, Exception)]
+        if workers > 1 and len(todo) > 64:
+            with ProcessPoolExecutor(workers) as pool:
+                built = list(pool.map(_graph_or_error, [s for _, s in todo],
+                                      [self.spec] * len(todo), chunksize=32))
+        else:
+            built = [_graph_or_error(s, self.spec) for _, s in todo]
+        for (k, _), g in zip(todo, built, strict=True):
+            if isinstance(g, str):
+                rows[k].error = g
+            else:
+                graphs.append(Data(z=torch.from_numpy(g["z"]),
+                                   edge_index=torch.from_numpy(g["edge_index"]),
+                                   edge_vec=torch.from_numpy(g["edge_vec"]),
+                                   num_nodes=len(g["z"])))
                 where.append(k)
-            except MatcoupleError as exc:
-                rows[k].error = str(exc)
         if graphs:
             mean, sigma = self.predict_graphs(graphs, batch_size)
             for row_idx, m, s in zip(where, mean, sigma, strict=True):

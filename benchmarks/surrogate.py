@@ -1,0 +1,127 @@
+"""Surrogate benchmark: accuracy, calibration and end-to-end throughput of Crysformer.
+
+For any labelled CSV (default: the MP 2018.6.1 MEGNet validation split) it prints and
+writes to ``benchmarks/results/surrogate.json`` (parity plot beside it):
+  * MAE per target of the shipped ensemble (or ``--models DIR``);
+  * the calibration of the sigmas it reports: coverage of the 90% interval, miscalibration
+    area, Spearman(|error|, sigma), NLL;
+  * end-to-end throughput, structure -> value and sigma with graph building included
+    (structures already parsed), on this machine's CPU or GPU.
+
+    python benchmarks/surrogate.py                           # MP val split, CPU or GPU
+    python benchmarks/surrogate.py --data my.csv --split-column none --targets band_gap
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from matcouple.datasets import ID_COLUMNS, read_table  # noqa: E402
+from matcouple.errors import MatcoupleError  # noqa: E402
+from matcouple.settings import get_settings  # noqa: E402
+from matcouple.structures.io import structure_from_text  # noqa: E402
+from matcouple.surrogate.predict import SurrogatePredictor  # noqa: E402
+from matcouple.surrogate.uncertainty import calibration_metrics  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    settings = get_settings()
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=settings.data_dir / settings.datasets["mp2018"])
+    p.add_argument("--split-column", default="megnet_split", help="'none' for all rows")
+    p.add_argument("--split", default="val")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--models", type=Path, default=None, help="folder with a model card")
+    p.add_argument("--mc-samples", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=1, help="graph-building processes")
+    p.add_argument("--out", type=Path, default=RESULTS / "surrogate.json")
+    a = p.parse_args()
+
+    predictor = SurrogatePredictor.default(device=a.device, mc_samples=a.mc_samples,
+                                           model_dir=a.models)
+    frame = read_table(a.data)
+    if a.split_column != "none":
+        frame = frame[frame[a.split_column] == a.split]
+    if a.limit:
+        frame = frame.iloc[:a.limit]
+    targets = [t for t in predictor.targets if t in frame.columns]
+    id_col = next((c for c in ID_COLUMNS if c in frame.columns), None)
+    text_col = "cif" if "cif" in frame.columns else "poscar"
+    items, labels = [], []
+    for i, rec in enumerate(frame.to_dict("records")):
+        try:
+            s = structure_from_text(rec[text_col], text_col)
+        except MatcoupleError as exc:
+            s = exc
+        items.append((str(rec[id_col]) if id_col else str(i), s))
+        labels.append([float(rec[t]) for t in targets])
+    predictor.predict(items[:64], batch_size=a.batch_size)  # warm-up (kernels, caches)
+    t0 = time.perf_counter()
+    rows = predictor.predict(items, batch_size=a.batch_size, workers=a.workers)
+    seconds = time.perf_counter() - t0
+    ok = [i for i, r in enumerate(rows) if not r.error]
+    y = np.array(labels)[ok]
+    pred = np.array([[rows[i].values[t] for t in targets] for i in ok])
+    sig = np.array([[rows[i].sigmas[t] for t in targets] for i in ok])
+    result = {
+        "data": str(a.data.name), "split": a.split, "n": len(items), "n_predicted": len(ok),
+        "model_version": predictor.version, "uncertainty_mode": predictor.mode,
+        "device": str(predictor.device), "cpu_count": os.cpu_count(),
+        "graph_workers": a.workers, "seconds": seconds,
+        "structures_per_s": len(items) / seconds, "targets": {},
+    }
+    if predictor.device.type == "cuda":
+        import torch
+
+        result["gpu"] = torch.cuda.get_device_name()
+    for j, t in enumerate(targets):
+        finite = np.isfinite(y[:, j])
+        err = pred[finite, j] - y[finite, j]
+        result["targets"][t] = {"mae": float(np.abs(err).mean()),
+                                **calibration_metrics(err, sig[finite, j])}
+        m = result["targets"][t]
+        print(f"{t}: MAE {m['mae']:.4f}  coverage90 {m['coverage_90']:.3f}  miscal. area "
+              f"{m['miscalibration_area']:.3f}  Spearman {m['spearman_abs_error_sigma']:.3f}"
+              f"  NLL {m['nll']:.3f}")
+    print(f"throughput: {result['structures_per_s']:.1f} structures/s end to end "
+          f"({len(items)} structures, {predictor.mode}, {result['device']}, "
+          f"{a.workers} graph worker(s))")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4.5))
+        for ax, (j, t) in zip(np.atleast_1d(axes), enumerate(targets), strict=True):
+            ax.errorbar(y[:, j], pred[:, j], yerr=sig[:, j], fmt="o", ms=2, alpha=0.3,
+                        elinewidth=0.5)
+            lo, hi = np.nanmin(y[:, j]), np.nanmax(y[:, j])
+            ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+            ax.set_xlabel(f"{t} (reference)")
+            ax.set_ylabel(f"{t} (Crysformer ± sigma)")
+        fig.tight_layout()
+        fig.savefig(a.out.with_suffix(".png"), dpi=110)
+    except ImportError:
+        pass
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
