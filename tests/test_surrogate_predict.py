@@ -1,0 +1,81 @@
+"""The shipped Crysformer ensemble: physical sanity, the CLI, and PredictTask via rlaunch."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from pymatgen.core import Lattice, Structure
+
+from matcouple.store.connection import open_database, open_launchpad
+from matcouple.surrogate.predict import SurrogatePredictor
+from matcouple.workflows import prediction_workflow
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def predictor() -> SurrogatePredictor:
+    return SurrogatePredictor.default()
+
+
+def test_shipped_models_are_calibrated_and_physical(predictor, silicon, rocksalt):
+    assert predictor.calibrated and predictor.mode == "ensemble3"
+    nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"],
+                                     [[0, 0, 0], [0.5, 0.5, 0.5]])
+    rows = {r.id: r for r in predictor.predict([("si", silicon), ("mgo", rocksalt),
+                                                 ("nacl", nacl)])}
+    # MP (GGA): Si E_f = 0 and gap ~0.6 eV; MgO E_f ~ -3.0 eV/atom, gap ~4.5 eV;
+    # NaCl E_f ~ -2.1 eV/atom, gap ~5 eV. The model's val MAE is ~0.1 eV/atom / ~0.33 eV.
+    assert abs(rows["si"].values["formation_energy_per_atom"]) < 0.4
+    assert rows["mgo"].values["formation_energy_per_atom"] < -2.0
+    assert rows["nacl"].values["formation_energy_per_atom"] < -1.2
+    assert rows["mgo"].values["band_gap"] > 2.5 and rows["nacl"].values["band_gap"] > 2.5
+    assert rows["si"].values["band_gap"] < 2.0
+    assert all(r.sigmas[t] > 0 for r in rows.values() for t in predictor.targets)
+
+
+def test_cli_predict_files_folder_and_csv(tmp_path, silicon, rocksalt):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    silicon.to(filename=str(folder / "si.cif"))
+    (folder / "broken.cif").write_text("data_broken\n")
+    table = tmp_path / "t.csv"
+    pd.DataFrame([{"material_id": "mp-mgo", "cif": rocksalt.to(fmt="cif")},
+                  {"material_id": "mp-xx", "cif": silicon.to(fmt="cif").replace("Si", "Xx")},
+                  ]).to_csv(table, index=False)
+    out = tmp_path / "pred.csv"
+    proc = subprocess.run([sys.executable, "-m", "matcouple.cli", "predict", str(folder),
+                           str(table), "--output", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["id"]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"si.cif", "broken.cif", "mp-mgo", "mp-xx"}
+    assert float(rows["mp-mgo"]["formation_energy_per_atom"]) < -2.0
+    assert float(rows["mp-mgo"]["band_gap_sigma"]) > 0
+    assert "malformed CIF" in rows["broken.cif"]["error"]
+    assert "unknown element" in rows["mp-xx"]["error"]
+    assert rows["si.cif"]["model_version"] == SurrogatePredictor.default().version
+
+
+def test_predict_task_through_rlaunch(launchpad_config, cli_env, tmp_path, silicon,
+                                      rocksalt):
+    wf = prediction_workflow([("si", silicon), ("mgo", rocksalt)], batch_size=1,
+                             launchpad_file=str(launchpad_config.path), run="t")
+    open_launchpad(launchpad_config).add_wf(wf)
+    rlaunch = shutil.which("rlaunch", path=str(BIN)) or "rlaunch"
+    proc = subprocess.run([rlaunch, "-l", str(launchpad_config.path), "rapidfire"],
+                          cwd=tmp_path, env=cli_env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    docs = {d["structure_id"]: d for d in open_database(launchpad_config).predictions.find()}
+    assert set(docs) == {"si", "mgo"}
+    mgo = docs["mgo"]["predictions"]["formation_energy_per_atom"]
+    assert mgo["value"] < -2.0 and mgo["sigma"] > 0
+    assert docs["si"]["model_version"] == SurrogatePredictor.default().version
+    assert docs["si"]["uncertainty_mode"] == "ensemble3" and docs["si"]["calibrated"]
