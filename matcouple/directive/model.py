@@ -115,11 +115,12 @@ class CrystalDenoiser(nn.Module):
     def edge_geometry(self, lattice: torch.Tensor, frac: torch.Tensor, src: torch.Tensor,
                       dst: torch.Tensor, edge_crystal: torch.Tensor) -> torch.Tensor:
         """Fourier features of F_j - F_i and the scaled Gram matrix of the crystal, per edge."""
-        diff = (frac[dst] - frac[src]).float()
-        angles = diff[:, :, None] * self.frequency[None, None, :]
-        fourier = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
-        gram = (lattice @ lattice.transpose(1, 2)).flatten(1).float() / self.config.gram_scale
-        return torch.cat([fourier, gram[edge_crystal]], dim=-1)
+        with torch.autocast(lattice.device.type, enabled=False):  # full precision geometry
+            diff = frac[dst] - frac[src]
+            angles = diff[:, :, None] * self.frequency.to(diff.dtype)[None, None, :]
+            fourier = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
+            gram = (lattice @ lattice.transpose(1, 2)).flatten(1) / self.config.gram_scale
+            return torch.cat([fourier, gram[edge_crystal].to(fourier.dtype)], dim=-1)
 
     def forward(
         self,
@@ -146,7 +147,8 @@ class CrystalDenoiser(nn.Module):
         type_eps = self.type_out(h)
         pooled = scatter_mean(h, batch, n_crystals)
         mixing = self.lattice_out(pooled).view(n_crystals, 3, 3)
-        lattice_eps = mixing.float() @ lattice.float()
+        with torch.autocast(lattice.device.type, enabled=False):
+            lattice_eps = mixing.to(lattice.dtype) @ lattice
         return lattice_eps, frac_score, type_eps
 
 
