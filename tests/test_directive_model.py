@@ -17,6 +17,8 @@ from matcouple.directive.diffusion import (
 )
 from matcouple.directive.model import CrystalDenoiser, DenoiserConfig, fully_connected_edges
 
+torch.set_num_threads(1)  # tiny tensors: threads only contend on a shared CI machine
+
 
 @pytest.fixture(scope="module")
 def model() -> CrystalDenoiser:
@@ -131,3 +133,43 @@ def test_noise_at_t0_and_T():
                       torch.ones(n_cr, dtype=torch.bool))
     assert torch.equal(given.types, onehot)  # CSP: types stay as given
     assert math.isfinite(float(late.score_frac.abs().max()))
+
+
+class PointMassDenoiser(torch.nn.Module):
+    """The exact denoiser of a data set holding one crystal (L0, F0): noise and score known."""
+
+    def __init__(self, sched: Schedules, lattice: torch.Tensor, frac: torch.Tensor) -> None:
+        super().__init__()
+        self.sched, self.lattice0, self.frac0 = sched, lattice, frac
+        self.config = DenoiserConfig()
+
+    def forward(self, lattice, frac, types, t, batch, num_atoms, known, edges=None):
+        ti = (t * self.sched.steps).round().long()
+        ab = self.sched.alpha_bars[ti].float()[:, None, None]
+        eps = (lattice - ab.sqrt() * self.lattice0) / (1 - ab).sqrt()
+        sigma = self.sched.sigmas[ti].float()[batch][:, None].expand_as(frac)
+        norm = self.sched.sigma_norms[ti].float()[batch][:, None]
+        score = wrapped_normal_score(frac - self.frac0, sigma) / norm.sqrt()
+        return eps, score, torch.zeros(len(frac), 100)
+
+
+@pytest.mark.parametrize(("steps", "step_lr"), [(1000, 1e-5), (40, 0.0)])
+def test_reverse_process_recovers_a_point_mass(steps, step_lr):
+    """With the exact noise and score, the sampler must land on the one crystal there is."""
+    from pathlib import Path
+
+    from matcouple.directive.sample import Generator, sample_crystals
+    from matcouple.directive.train import TrainConfig
+
+    sched = Schedules.build(1000)
+    lattice0 = torch.tensor([[4.0, 0, 0], [0.5, 5, 0], [0, 0.3, 6]])
+    frac0 = torch.tensor([0.1, 0.7, 0.3])
+    gen = Generator(model=PointMassDenoiser(sched, lattice0, frac0), schedules=sched,
+                    train_config=TrainConfig(), max_atoms=20, size_histogram=[0] * 21,
+                    elements=list(range(1, 101)), version="exact", path=Path("exact"),
+                    device=torch.device("cpu"))
+    out = sample_crystals(gen, torch.tensor([1, 1, 1]), torch.tensor([14, 14, 14]),
+                          steps=steps, step_lr=step_lr, seed=1)
+    assert float((out.lattice - lattice0).abs().max()) < 1e-3
+    wrapped = torch.remainder(out.frac - frac0 + 0.5, 1.0) - 0.5
+    assert float(wrapped.abs().max()) < 1e-3

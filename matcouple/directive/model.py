@@ -6,9 +6,12 @@ style). Its inputs make the symmetries hold by construction:
 - atom permutation: messages are summed over neighbours, outputs are per atom;
 - periodic translation: atoms meet only through Fourier features of F_j - F_i, which are
   unchanged by a shift of every atom (and by whole lattice vectors);
-- rotation/reflection of the Cartesian frame (L -> L R^T for row lattice vectors): the
-  lattice enters only as the Gram matrix L L^T, F and A are frame-free, and the lattice
-  output is M L with an invariant M, so it rotates with the frame.
+- rotation/reflection of the Cartesian frame (L -> L R^T for row lattice vectors): write
+  L = P U (polar decomposition, P = (L L^T)^(1/2) symmetric, U orthogonal). P is
+  frame-free and is the only way the lattice enters; U turns with the frame (U -> U R^T).
+  The lattice output is N U with an invariant N, so it rotates with the frame. (DiffCSP
+  outputs M L, which must learn a matrix inverse square root of L L^T to undo the
+  lattice's scale; N U only has to learn the shape, in Angstrom, so it trains faster.)
 
 Lattice rows are the cell vectors a, b, c (pymatgen's convention).
 """
@@ -33,7 +36,7 @@ class DenoiserConfig:
     frequencies: int = 64
     time_dim: int = 128
     n_types: int = N_TYPES
-    gram_scale: float = 25.0  # A^2: the Gram matrix is divided by this before use
+    length_scale: float = 5.0  # A: the lattice's symmetric factor P is divided by this
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,6 +63,15 @@ def fully_connected_edges(num_atoms: torch.Tensor) -> tuple[torch.Tensor, torch.
     keep = i_local != j_local
     base = offsets[crystal]
     return (base + i_local)[keep], (base + j_local)[keep]
+
+
+def polar_decomposition(lattice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L = P U with P symmetric positive semi-definite (frame-free) and U orthogonal."""
+    with torch.autocast(lattice.device.type, enabled=False):
+        w, sv, vh = torch.linalg.svd(lattice.double())
+        p = (w * sv[:, None, :]) @ w.transpose(1, 2)
+        u = w @ vh
+    return p.to(lattice.dtype), u.to(lattice.dtype)
 
 
 def scatter_mean(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
@@ -108,19 +120,19 @@ class CrystalDenoiser(nn.Module):
         self.out_norm = nn.LayerNorm(h)
         self.frac_out = nn.Linear(h, 3, bias=False)
         self.type_out = nn.Linear(h, config.n_types)
-        self.lattice_out = nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, 9, bias=False))
+        self.lattice_out = nn.Sequential(nn.Linear(h + 9, h), nn.SiLU(), nn.Linear(h, h),
+                                         nn.SiLU(), nn.Linear(h, 9))
         self.register_buffer("frequency", 2 * math.pi * torch.arange(
             1, config.frequencies + 1, dtype=torch.float32), persistent=False)
 
-    def edge_geometry(self, lattice: torch.Tensor, frac: torch.Tensor, src: torch.Tensor,
+    def edge_geometry(self, shape: torch.Tensor, frac: torch.Tensor, src: torch.Tensor,
                       dst: torch.Tensor, edge_crystal: torch.Tensor) -> torch.Tensor:
-        """Fourier features of F_j - F_i and the scaled Gram matrix of the crystal, per edge."""
-        with torch.autocast(lattice.device.type, enabled=False):  # full precision geometry
+        """Fourier features of F_j - F_i and the crystal's lattice shape P, per edge."""
+        with torch.autocast(frac.device.type, enabled=False):  # full precision geometry
             diff = frac[dst] - frac[src]
             angles = diff[:, :, None] * self.frequency.to(diff.dtype)[None, None, :]
             fourier = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
-            gram = (lattice @ lattice.transpose(1, 2)).flatten(1) / self.config.gram_scale
-            return torch.cat([fourier, gram[edge_crystal].to(fourier.dtype)], dim=-1)
+            return torch.cat([fourier, shape[edge_crystal].to(fourier.dtype)], dim=-1)
 
     def forward(
         self,
@@ -139,16 +151,18 @@ class CrystalDenoiser(nn.Module):
         crystal_features = torch.cat(
             [time_embedding(t, self.config.time_dim), types_known.float()[:, None]], dim=-1)
         h = self.node_in(torch.cat([self.type_in(types), crystal_features[batch]], dim=-1))
-        geom = self.geom_in(self.edge_geometry(lattice, frac, src, dst, batch[src]))
+        sym, rot = polar_decomposition(lattice)
+        shape = sym.flatten(1) / self.config.length_scale
+        geom = self.geom_in(self.edge_geometry(shape, frac, src, dst, batch[src]))
         for layer in self.layers:
             h = layer(h, geom, src, dst)
         h = self.out_norm(h)
         frac_score = self.frac_out(h)
         type_eps = self.type_out(h)
         pooled = scatter_mean(h, batch, n_crystals)
-        mixing = self.lattice_out(pooled).view(n_crystals, 3, 3)
+        frame_free = self.lattice_out(torch.cat([pooled, shape.to(pooled.dtype)], dim=-1))
         with torch.autocast(lattice.device.type, enabled=False):
-            lattice_eps = mixing.to(lattice.dtype) @ lattice
+            lattice_eps = frame_free.view(n_crystals, 3, 3).to(lattice.dtype) @ rot
         return lattice_eps, frac_score, type_eps
 
 
