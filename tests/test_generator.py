@@ -218,12 +218,34 @@ def test_generate_task_through_rlaunch(checkpoint, launchpad_config, cli_env, tm
         assert run["report"]["survivors"] == stored["survivors"]
 
 
-def test_cli_errors(launchpad_config, cli_env, tmp_path):
+def test_cli_generates_and_refuses_bad_input(checkpoint, launchpad_config, cli_env, tmp_path):
     cmd = [sys.executable, "-m", "matcouple.cli", "generate"]
-    missing = tmp_path / "none.pt"
-    proc = subprocess.run([*cmd, "--n", "5", "--checkpoint", str(missing)], env=cli_env,
-                          capture_output=True, text=True, timeout=120)
+    out = tmp_path / "cifs"
+    proc = subprocess.run([*cmd, "--n", "4", "--checkpoint", str(checkpoint), "--steps", "3",
+                           "--run", "cli", "--output", str(out), "--workers", "1",
+                           "--device", "cpu"], env=cli_env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "candidates" in proc.stdout and "removed by has_symmetry" in proc.stdout
+    run = generation_report(open_database(launchpad_config), "cli")
+    assert run["report"]["candidates"] == 4
+    assert len(list(out.glob("*.cif"))) == run["report"]["survivors"]
+    proc = subprocess.run([*cmd, "--n", "5", "--checkpoint", str(tmp_path / "none.pt")],
+                          env=cli_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "none.pt not found" in proc.stderr
-    proc = subprocess.run([*cmd, "--n", "0"], env=cli_env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([*cmd, "--n", "0", "--checkpoint", str(checkpoint)], env=cli_env,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "positive" in proc.stderr
+    proc = subprocess.run([*cmd, "--n", "2", "--composition", "Fe2Xq3", "--checkpoint",
+                           str(checkpoint)], env=cli_env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "Xq" in proc.stderr
+
+
+def test_model_card(checkpoint):
+    from matcouple.directive.card import model_card
+
+    card = model_card(checkpoint)
+    payload = read_checkpoint(checkpoint)
+    assert payload["data_hash"] in card and "perov5" in card
+    assert "optimizer" not in payload  # the release file carries no optimizer state

@@ -66,16 +66,25 @@ class CrystalSet:
         return cls(d["lattice"], d["frac"], d["atomic_numbers"], d["num_atoms"],
                    list(d["ids"]), d["data_hash"])
 
-    def select(self, indices: torch.Tensor) -> CrystalBatch:
-        """Gather crystals ``indices`` into a batch (works on any device, no Python loop)."""
-        n = self.num_atoms[indices]
-        starts = self.offsets[indices]
+    def select(self, indices: torch.Tensor, index_device: torch.device | str | None = None,
+               ) -> CrystalBatch:
+        """Gather crystals ``indices`` into a batch (no Python loop).
+
+        The index arithmetic runs on ``index_device`` (default: where the data is); on a
+        GPU, computing it on the CPU from a CPU copy of ``num_atoms`` avoids host syncs.
+        """
+        device = self.frac.device
+        counts = self.num_atoms if index_device is None else self.num_atoms.to(index_device)
+        indices = indices.to(counts.device)
+        n = counts[indices]
+        starts = (torch.cumsum(counts, 0) - counts)[indices]
         local = torch.arange(int(n.sum()), device=n.device) - torch.repeat_interleave(
             torch.cumsum(n, 0) - n, n)
-        rows = torch.repeat_interleave(starts, n) + local
+        rows = (torch.repeat_interleave(starts, n) + local).to(device, non_blocking=True)
         batch = torch.repeat_interleave(torch.arange(len(n), device=n.device), n)
-        return CrystalBatch(self.lattice[indices], self.frac[rows], self.atomic_numbers[rows],
-                            n, batch)
+        idx = indices.to(device, non_blocking=True)
+        return CrystalBatch(self.lattice[idx], self.frac[rows], self.atomic_numbers[rows],
+                            n.to(device, non_blocking=True), batch.to(device, non_blocking=True))
 
     def structure(self, k: int):
         """Crystal ``k`` as a pymatgen Structure."""

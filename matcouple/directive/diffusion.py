@@ -158,11 +158,9 @@ def diffusion_loss(
     """Eq. 13; the type term only counts atoms of crystals generated ab initio."""
     loss_l = ((pred_lattice.float() - noised.eps_lattice) ** 2).mean()
     loss_f = ((pred_frac.float() - noised.score_frac) ** 2).mean()
-    free = ~types_known[batch]
-    if bool(free.any()):
-        loss_a = ((pred_types.float()[free] - noised.eps_types[free]) ** 2).mean()
-    else:
-        loss_a = pred_types.sum() * 0.0
+    free = (~types_known[batch]).float()  # masked mean: no host sync on the GPU
+    per_atom = ((pred_types.float() - noised.eps_types) ** 2).mean(-1)
+    loss_a = (per_atom * free).sum() / free.sum().clamp(min=1.0)
     total = weights.lattice * loss_l + weights.frac * loss_f + weights.types * loss_a
     return {"loss": total, "lattice": loss_l.detach(), "frac": loss_f.detach(),
             "types": loss_a.detach()}

@@ -24,7 +24,12 @@ from tqdm import tqdm
 
 from matcouple.directive.data import CrystalSet, load_training_data
 from matcouple.directive.diffusion import LossWeights, Schedules, add_noise, diffusion_loss
-from matcouple.directive.model import CrystalDenoiser, DenoiserConfig, parameter_count
+from matcouple.directive.model import (
+    CrystalDenoiser,
+    DenoiserConfig,
+    fully_connected_edges,
+    parameter_count,
+)
 from matcouple.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "matcouple-generator-v1"
@@ -103,7 +108,8 @@ def _build(config: TrainConfig, model_config: DenoiserConfig,
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+                                  weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda")
     return TrainState(model, ema, optimizer)
 
 
@@ -185,11 +191,13 @@ def _resume(path: Path, config: TrainConfig, data: CrystalSet,
 
 def train_step(state: TrainState, data: CrystalSet, schedules: Schedules,
                config: TrainConfig, weights: LossWeights, device: torch.device,
-               generator: torch.Generator) -> dict[str, float]:
-    """One optimisation step on a random batch; returns the loss terms."""
+               generator: torch.Generator, counts_cpu: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One optimisation step on a random batch; returns the loss terms (as tensors)."""
     model = state.model
-    idx = torch.randint(0, len(data), (config.batch_size,), generator=generator).to(device)
-    b = data.select(idx)
+    idx = torch.randint(0, len(data), (config.batch_size,), generator=generator)
+    b = data.select(idx, index_device="cpu")
+    edges = tuple(e.to(device, non_blocking=True)
+                  for e in fully_connected_edges(counts_cpu[idx]))
     n_types = model.config.n_types
     onehot = torch.nn.functional.one_hot(b.atomic_numbers - 1, n_types).float()
     t = torch.randint(1, schedules.steps + 1, (len(idx),), device=device)
@@ -197,7 +205,7 @@ def train_step(state: TrainState, data: CrystalSet, schedules: Schedules,
     noised = add_noise(schedules, t, b.lattice, b.frac, onehot, b.batch, known)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         out = model(noised.lattice, noised.frac, noised.types, t.float() / schedules.steps,
-                    b.batch, b.num_atoms, known)
+                    b.batch, b.num_atoms, known, edges)
     losses = diffusion_loss(*out, noised, b.batch, known, weights)
     for group in state.optimizer.param_groups:
         group["lr"] = learning_rate(config, state.step, state.elapsed_s)
@@ -209,7 +217,7 @@ def train_step(state: TrainState, data: CrystalSet, schedules: Schedules,
         for p_ema, p in zip(state.ema.parameters(), model.parameters(), strict=True):
             p_ema.lerp_(p, 1 - config.ema_decay)
     state.step += 1
-    return {k: float(v.detach()) for k, v in losses.items()}
+    return {k: v.detach() for k, v in losses.items()}
 
 
 def train(
@@ -239,6 +247,7 @@ def train(
         model_config = model_config or DenoiserConfig()
         state = _build(config, model_config, dev)
     meta = _metadata(config, model_config, data)
+    counts_cpu = data.num_atoms.clone()
     data = data.to(dev)
     schedules = Schedules.build(config.diffusion_steps, config.sigma_min,
                                 config.sigma_max).to(dev)
@@ -266,11 +275,11 @@ def train(
             if max_steps is not None and state.step >= max_steps:
                 break
             t0 = time.monotonic()
-            losses = train_step(state, data, schedules, config, weights, dev, generator)
-            state.elapsed_s += time.monotonic() - t0
+            losses = train_step(state, data, schedules, config, weights, dev, generator,
+                                counts_cpu)
             window.append(losses)
             if len(window) == 50 or (max_steps is not None and state.step >= max_steps):
-                mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                mean = {k: float(sum(w[k] for w in window)) / len(window) for k in window[0]}
                 first_window = first_window or mean
                 last_window = mean
                 log.write(json.dumps({"step": state.step, "elapsed_s": round(state.elapsed_s, 1),
@@ -278,6 +287,7 @@ def train(
                 log.flush()
                 bar.set_postfix(step=state.step, loss=f"{mean['loss']:.3f}")
                 window = []
+            state.elapsed_s += time.monotonic() - t0
             bar.n = int(min(minutes * 60, time.monotonic() - start))
             if state.step % 20 == 0:
                 bar.refresh()
