@@ -9,9 +9,10 @@ style). Its inputs make the symmetries hold by construction:
 - rotation/reflection of the Cartesian frame (L -> L R^T for row lattice vectors): write
   L = P U (polar decomposition, P = (L L^T)^(1/2) symmetric, U orthogonal). P is
   frame-free and is the only way the lattice enters; U turns with the frame (U -> U R^T).
-  The lattice output is N U with an invariant N, so it rotates with the frame. (DiffCSP
-  outputs M L, which must learn a matrix inverse square root of L L^T to undo the
-  lattice's scale; N U only has to learn the shape, in Angstrom, so it trains faster.)
+  The lattice output is (P + N) U = L + N U with an invariant N, so it rotates with the
+  frame. At t = T the noise is L itself (N = 0); elsewhere N is linear in P and in the
+  clean cell seen in L's frame, so no matrix inverse must be learned (DiffCSP's M L needs
+  an inverse square root of L L^T to undo the lattice's scale).
 
 Lattice rows are the cell vectors a, b, c (pymatgen's convention).
 """
@@ -75,10 +76,12 @@ def polar_decomposition(lattice: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def scatter_mean(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
-    out = torch.zeros(size, values.shape[-1], dtype=values.dtype, device=values.device)
-    out.index_add_(0, index, values)
-    count = torch.zeros(size, dtype=values.dtype, device=values.device)
-    count.index_add_(0, index, torch.ones_like(index, dtype=values.dtype))
+    """Mean of ``values`` rows per ``index``; sums in at least float32 (bf16 under AMP)."""
+    dtype = torch.promote_types(values.dtype, torch.float32)
+    out = torch.zeros(size, values.shape[-1], dtype=dtype, device=values.device)
+    out.index_add_(0, index, values.to(dtype))
+    count = torch.zeros(size, dtype=dtype, device=values.device)
+    count.index_add_(0, index, torch.ones_like(index, dtype=dtype))
     return out / count.clamp(min=1)[:, None]
 
 
@@ -162,7 +165,7 @@ class CrystalDenoiser(nn.Module):
         pooled = scatter_mean(h, batch, n_crystals)
         frame_free = self.lattice_out(torch.cat([pooled, shape.to(pooled.dtype)], dim=-1))
         with torch.autocast(lattice.device.type, enabled=False):
-            lattice_eps = frame_free.view(n_crystals, 3, 3).to(lattice.dtype) @ rot
+            lattice_eps = lattice + frame_free.view(n_crystals, 3, 3).to(lattice.dtype) @ rot
         return lattice_eps, frac_score, type_eps
 
 

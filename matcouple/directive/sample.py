@@ -55,6 +55,9 @@ class Generator:
     version: str
     path: Path
     device: torch.device
+    # Largest |lattice entry| (A) a clean cell may have: 1.5 x the training set's.
+    lattice_bound: float = 30.0
+    data_hash: str = ""
 
     @property
     def step_lr(self) -> float:
@@ -63,9 +66,7 @@ class Generator:
     def provenance(self) -> dict[str, Any]:
         return {"version": self.version, "checkpoint": self.path.name,
                 "datasets": list(self.train_config.datasets),
-                "data_hash": self.train_config_hash}
-
-    train_config_hash: str = ""
+                "data_hash": self.data_hash}
 
 
 def load_generator(path: Path | str | None = None, device: str | None = None) -> Generator:
@@ -91,7 +92,8 @@ def load_generator(path: Path | str | None = None, device: str | None = None) ->
                      size_histogram=list(payload["size_histogram"]),
                      elements=list(payload["elements"]),
                      version=f"{digest}@step{payload.get('step', 0)}", path=path, device=dev,
-                     train_config_hash=str(payload["data_hash"]))
+                     lattice_bound=1.5 * float(payload.get("lattice_abs_max", 20.0)),
+                     data_hash=str(payload["data_hash"]))
 
 
 # ---------------------------------------------------------------- p(N)
@@ -297,12 +299,19 @@ def sample_crystals(
         ab, ab_prev = float(sched.alpha_bars[t_now]), float(sched.alpha_bars[t_prev])
         alpha = ab / ab_prev
         beta = 1 - alpha
-        coef = beta / math.sqrt(1 - ab)
         ddpm_std = math.sqrt(beta * (1 - ab_prev) / (1 - ab)) if t_prev > 0 else 0.0
-        lattice = (lattice - coef * eps_l) / math.sqrt(alpha) + ddpm_std * torch.randn(
+        # DDPM step written through the clean estimate x0, clipped to the range of the
+        # training data: the same step as the eps form, but an error of eps near t = T
+        # (where 1/sqrt(alpha) is large) cannot blow the cell up.
+        c_x0 = math.sqrt(ab_prev) * beta / (1 - ab)
+        c_xt = math.sqrt(alpha) * (1 - ab_prev) / (1 - ab)
+        x0 = ((lattice - math.sqrt(1 - ab) * eps_l) / math.sqrt(ab)).clamp(
+            -gen.lattice_bound, gen.lattice_bound)
+        lattice = c_x0 * x0 + c_xt * lattice + ddpm_std * torch.randn(
             lattice.shape, generator=rng, device=dev)
         if not csp:
-            types = (types - coef * eps_a) / math.sqrt(alpha) + ddpm_std * torch.randn(
+            x0 = ((types - math.sqrt(1 - ab) * eps_a) / math.sqrt(ab)).clamp(-1.0, 2.0)
+            types = c_x0 * x0 + c_xt * types + ddpm_std * torch.randn(
                 types.shape, generator=rng, device=dev)
         step = sigma**2 - sigma_prev**2
         std = math.sqrt(sigma_prev**2 * step / sigma**2)

@@ -124,6 +124,7 @@ def _metadata(config: TrainConfig, model_config: DenoiserConfig,
         "size_histogram": data.size_histogram(config.max_atoms).tolist(),
         "elements": data.elements(),
         "n_train": len(data),
+        "lattice_abs_max": float(data.lattice.abs().max()),
     }
 
 
@@ -309,7 +310,7 @@ def export_release(checkpoint: Path, release: Path, half: bool = False) -> dict[
     if half:
         weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
     keep = ("format", "model_config", "train_config", "data_hash", "max_atoms",
-            "size_histogram", "elements", "n_train", "step", "elapsed_s")
+            "size_histogram", "elements", "n_train", "lattice_abs_max", "step", "elapsed_s")
     slim = {k: payload[k] for k in keep if k in payload}
     slim["model"] = weights
     release = Path(release)
