@@ -214,9 +214,11 @@ def train_step(state: TrainState, data: CrystalSet, schedules: Schedules,
     losses["loss"].backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
     state.optimizer.step()
+    # EMA with warm-up: early on the average must not hold on to the random init.
+    decay = min(config.ema_decay, (1 + state.step) / (10 + state.step))
     with torch.no_grad():
         for p_ema, p in zip(state.ema.parameters(), model.parameters(), strict=True):
-            p_ema.lerp_(p, 1 - config.ema_decay)
+            p_ema.lerp_(p, 1 - decay)
     state.step += 1
     return {k: v.detach() for k, v in losses.items()}
 
