@@ -11,7 +11,7 @@ Measures, and writes to ``benchmarks/results/generator.json`` with plots beside 
   * throughput of ab initio generation: generated structures per hour (sampler alone) and
     valid structures per hour after every filter (paper: 5,663 and 1,859 per hour);
   * valid fraction over time for the p(N) strategies data, uniform and hybrid (Fig. 6b);
-    duplicates are judged against the run's earlier survivors and the training set;
+    duplicates are judged against the run's earlier survivors and the model's training set;
   * element frequencies, atoms per cell and crystal systems of the valid structures (Fig. 7).
 
     python benchmarks/generator.py --csp-checkpoint models/generator/perov5.pt \\
@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from matcouple.directive.data import CrystalSet, load_split  # noqa: E402
+from matcouple.directive.data import CrystalSet, load_split, load_training_data  # noqa: E402
 from matcouple.directive.sample import (  # noqa: E402
     Generator,
     load_generator,
@@ -271,7 +271,8 @@ def main() -> None:
                                                   args.csp_batch_size // 4, args.steps, pool)
         if "throughput" in parts or "strategies" in parts:
             gen = gen or load_generator(args.checkpoint, args.device)
-            train = load_split("mp2018", "train", max_atoms=gen.max_atoms)
+            train = load_training_data(list(gen.train_config.datasets), "train",
+                                       gen.max_atoms, gen.train_config.limit)
             lookup = _training_lookup(train)
             names = ["data", "uniform", "hybrid"] if "strategies" in parts else ["data"]
             runs = {name: strategy_run(gen, name, args.minutes_per_strategy, args.batch_size,
