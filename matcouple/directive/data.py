@@ -66,18 +66,19 @@ class CrystalSet:
         return cls(d["lattice"], d["frac"], d["atomic_numbers"], d["num_atoms"],
                    list(d["ids"]), d["data_hash"])
 
-    def select(self, indices: torch.Tensor, index_device: torch.device | str | None = None,
-               ) -> CrystalBatch:
+    def select(self, indices: torch.Tensor, counts: torch.Tensor | None = None,
+               starts: torch.Tensor | None = None) -> CrystalBatch:
         """Gather crystals ``indices`` into a batch (no Python loop).
 
-        The index arithmetic runs on ``index_device`` (default: where the data is); on a
-        GPU, computing it on the CPU from a CPU copy of ``num_atoms`` avoids host syncs.
+        ``counts``/``starts``: CPU copies of ``num_atoms``/``offsets`` for data on a GPU, so
+        the index arithmetic runs on the host without waiting for the device.
         """
         device = self.frac.device
-        counts = self.num_atoms if index_device is None else self.num_atoms.to(index_device)
+        counts = self.num_atoms if counts is None else counts
+        starts_all = self.offsets if starts is None else starts
         indices = indices.to(counts.device)
         n = counts[indices]
-        starts = (torch.cumsum(counts, 0) - counts)[indices]
+        starts = starts_all[indices]
         local = torch.arange(int(n.sum()), device=n.device) - torch.repeat_interleave(
             torch.cumsum(n, 0) - n, n)
         rows = (torch.repeat_interleave(starts, n) + local).to(device, non_blocking=True)

@@ -192,11 +192,12 @@ def _resume(path: Path, config: TrainConfig, data: CrystalSet,
 
 def train_step(state: TrainState, data: CrystalSet, schedules: Schedules,
                config: TrainConfig, weights: LossWeights, device: torch.device,
-               generator: torch.Generator, counts_cpu: torch.Tensor) -> dict[str, torch.Tensor]:
+               generator: torch.Generator, counts_cpu: torch.Tensor,
+               starts_cpu: torch.Tensor) -> dict[str, torch.Tensor]:
     """One optimisation step on a random batch; returns the loss terms (as tensors)."""
     model = state.model
     idx = torch.randint(0, len(data), (config.batch_size,), generator=generator)
-    b = data.select(idx, index_device="cpu")
+    b = data.select(idx, counts_cpu, starts_cpu)
     edges = tuple(e.to(device, non_blocking=True)
                   for e in fully_connected_edges(counts_cpu[idx]))
     n_types = model.config.n_types
@@ -250,7 +251,7 @@ def train(
         model_config = model_config or DenoiserConfig()
         state = _build(config, model_config, dev)
     meta = _metadata(config, model_config, data)
-    counts_cpu = data.num_atoms.clone()
+    counts_cpu, starts_cpu = data.num_atoms.clone(), data.offsets.clone()
     data = data.to(dev)
     schedules = Schedules.build(config.diffusion_steps, config.sigma_min,
                                 config.sigma_max).to(dev)
@@ -279,7 +280,7 @@ def train(
                 break
             t0 = time.monotonic()
             losses = train_step(state, data, schedules, config, weights, dev, generator,
-                                counts_cpu)
+                                counts_cpu, starts_cpu)
             window.append(losses)
             if len(window) == 50 or (max_steps is not None and state.step >= max_steps):
                 mean = {k: float(sum(w[k] for w in window)) / len(window) for k in window[0]}
