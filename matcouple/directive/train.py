@@ -238,8 +238,12 @@ def train(
 ) -> dict[str, Any]:
     """Train (or resume) until ``minutes`` pass, ``max_steps`` is reached or the budget ends.
 
+    ``minutes`` is wall time from the call, data loading included, so a chunk fits a
+    fixed job length; the learning-rate budget counts training time only.
+
     Returns a summary: steps, elapsed time, mean losses of the first and last log windows.
     """
+    start = time.monotonic()  # the chunk's wall clock includes loading the data
     out = Path(out)
     config = config or TrainConfig()
     dev = pick_device(device)
@@ -261,7 +265,6 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = True
     log_path = out.with_name(out.stem + ".log.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
     last_save = start
     budget_s = 60.0 * config.budget_minutes
     window: list[dict[str, float]] = []
