@@ -247,7 +247,8 @@ def train(
     out = Path(out)
     config = config or TrainConfig()
     dev = pick_device(device)
-    data = data or load_training_data(config.datasets, "train", config.max_atoms, config.limit)
+    if data is None:
+        data = load_training_data(config.datasets, "train", config.max_atoms, config.limit)
     if out.exists():
         state, config, model_config = _resume(out, config, data, dev)
     else:
