@@ -13,14 +13,16 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 
 from matcouple.settings import get_settings
-from matcouple.store.materials import MATCHER_TOLERANCES, MaterialsStore
+
+if TYPE_CHECKING:  # the database layer is only needed when a store is given
+    from matcouple.store.materials import MaterialsStore
 
 
 def few_elements(structure: Structure, limit: int | None = None) -> bool:
@@ -106,6 +108,8 @@ def sane_volume(structure: Structure, low: float | None = None,
 
 def default_matcher() -> StructureMatcher:
     """StructureMatcher with stol=0.5, ltol=0.3, angle_tol=10 (the literature's "same")."""
+    from matcouple.store.materials import MATCHER_TOLERANCES
+
     return StructureMatcher(**MATCHER_TOLERANCES)
 
 
