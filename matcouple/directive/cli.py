@@ -59,6 +59,8 @@ def generate_command(
     submit: bool = typer.Option(False, help="Add a workflow to the LaunchPad instead; run it "
                                             "with rlaunch/qlaunch."),
     per_firework: int | None = typer.Option(None, help="Candidates per Firework (--submit)."),
+    category: str | None = typer.Option(None, help="FireWorks _category of the Fireworks "
+                                                   "(--submit), e.g. ai."),
     launchpad: Path | None = typer.Option(None, "--launchpad", "-l", help="LaunchPad file."),
 ) -> None:
     """Sample candidates, keep those that pass the validity filters, store them."""
@@ -82,7 +84,7 @@ def generate_command(
             import datetime as dt
 
             request.run = request.run or dt.datetime.now().strftime("gen-%Y%m%d-%H%M%S")
-            wf = generation_workflow(request, per_firework=per_firework,
+            wf = generation_workflow(request, per_firework=per_firework, category=category,
                                      launchpad_file=str(config.path))
             ids = open_launchpad(config).add_wf(wf)
             console.print(f"run {request.run}: {len(ids)} Fireworks added; run them with "
