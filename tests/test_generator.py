@@ -233,6 +233,13 @@ def test_cli_generates_and_refuses_bad_input(checkpoint, launchpad_config, cli_e
     proc = subprocess.run([*cmd, "--n", "5", "--checkpoint", str(tmp_path / "none.pt")],
                           env=cli_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "none.pt not found" in proc.stderr
+    proc = subprocess.run([*cmd, "--n", "4", "--submit", "--per-firework", "2", "--run", "sub",
+                           "--category", "ai", "--checkpoint", str(checkpoint)], env=cli_env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "2 Fireworks added" in proc.stdout, proc.stderr
+    lp = open_launchpad(launchpad_config)
+    fws = list(lp.fireworks.find({"name": {"$regex": "^generate sub"}}))
+    assert len(fws) == 2 and all(fw["spec"]["_category"] == "ai" for fw in fws)
 
 
 def test_model_card(checkpoint):
