@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -190,6 +192,27 @@ def _resume(path: Path, config: TrainConfig, data: CrystalSet,
     return state, saved, model_config
 
 
+class _StopRequest:
+    """SIGTERM/SIGINT end the chunk after the current step, and the checkpoint is saved."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def train_step(state: TrainState, data: CrystalSet, schedules: Schedules,
                config: TrainConfig, weights: LossWeights, device: torch.device,
                generator: torch.Generator, counts_cpu: torch.Tensor,
@@ -274,11 +297,12 @@ def train(
     bar = tqdm(total=int(minutes * 60), unit="s", disable=not progress,
                desc=f"training {out.name} from step {state.step}")
     state.model.train()
-    with open(log_path, "a") as log:
+    stop = _StopRequest()
+    with stop, open(log_path, "a") as log:
         while True:
             now = time.monotonic()
             chunk_s = now - start
-            if chunk_s >= minutes * 60 or state.elapsed_s >= budget_s:
+            if chunk_s >= minutes * 60 or state.elapsed_s >= budget_s or stop.requested:
                 break
             if max_steps is not None and state.step >= max_steps:
                 break
