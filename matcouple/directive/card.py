@@ -19,7 +19,7 @@ def _weights_count(weights: dict) -> int:
     return sum(v.numel() for v in weights.values())
 
 
-def model_card(checkpoint: Path, benchmark: Path | None = None) -> str:
+def model_card(checkpoint: Path, benchmark: Path | None = None, note: str | None = None) -> str:
     payload = read_checkpoint(checkpoint)
     model = payload["model_config"]
     train = payload["train_config"]
@@ -55,6 +55,10 @@ def model_card(checkpoint: Path, benchmark: Path | None = None) -> str:
         f"{payload.get('elapsed_s', 0) / 60:.1f} min of training time |",
         f"| sampling | predictor-corrector, corrector step_lr {train['step_lr']} |",
     ]
+    if payload.get("device"):
+        lines.append(f"| trained on | {payload['device']} |")
+    if note:
+        lines += ["", note]
     if benchmark and Path(benchmark).exists():
         results = json.loads(Path(benchmark).read_text())
         lines += ["", f"## Measured ({results.get('device', '?')})", ""]
@@ -77,9 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--benchmark", type=Path, default=None)
+    parser.add_argument("--note", default=None, help="a sentence to add (how it was made)")
     args = parser.parse_args(argv)
     out = args.checkpoint.with_suffix(".md")
-    out.write_text(model_card(args.checkpoint, args.benchmark))
+    out.write_text(model_card(args.checkpoint, args.benchmark, args.note))
     print(f"wrote {out}")
 
 

@@ -79,6 +79,12 @@ def default_step_lr(datasets: list[str]) -> float:
     return 1e-5
 
 
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 def pick_device(device: str | None = None) -> torch.device:
     if device:
         return torch.device(device)
@@ -278,7 +284,7 @@ def train(
         torch.manual_seed(config.seed)
         model_config = model_config or DenoiserConfig()
         state = _build(config, model_config, dev)
-    meta = _metadata(config, model_config, data)
+    meta = {**_metadata(config, model_config, data), "device": _device_name(dev)}
     counts_cpu, starts_cpu = data.num_atoms.clone(), data.offsets.clone()
     data = data.to(dev)
     schedules = Schedules.build(config.diffusion_steps, config.sigma_min,
@@ -341,7 +347,8 @@ def export_release(checkpoint: Path, release: Path, half: bool = False) -> dict[
     if half:
         weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
     keep = ("format", "model_config", "train_config", "data_hash", "max_atoms",
-            "size_histogram", "elements", "n_train", "lattice_abs_max", "step", "elapsed_s")
+            "size_histogram", "elements", "n_train", "lattice_abs_max", "step", "elapsed_s",
+            "device")
     slim = {k: payload[k] for k in keep if k in payload}
     slim["model"] = weights
     release = Path(release)
