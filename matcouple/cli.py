@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from matcouple.directive.cli import generate_app, train_app
 from matcouple.errors import MatcoupleError
 from matcouple.surrogate import cli as surrogate_cli
 
@@ -26,7 +27,9 @@ screen_app = typer.Typer(help="Screening workflows (symmetry, density) on the La
 app.add_typer(db_app, name="db")
 app.add_typer(data_app, name="data")
 app.add_typer(screen_app, name="screen")
-app.add_typer(surrogate_cli.train_app, name="train")
+app.add_typer(generate_app, name="generate")
+train_app.command("surrogate")(surrogate_cli.train_surrogate)
+app.add_typer(train_app, name="train")
 app.command("predict")(surrogate_cli.predict)
 
 console = Console()

@@ -25,3 +25,11 @@ class StructureInputError(MatcoupleError, ValueError):
 
 class DatasetError(MatcoupleError):
     """A data set file is missing or has no usable columns."""
+
+
+class CheckpointError(MatcoupleError):
+    """A model checkpoint is missing, unreadable or was made for another model or data."""
+
+
+class GenerationError(MatcoupleError, ValueError):
+    """A generation request cannot be met (bad composition, n, element); names why."""

@@ -65,6 +65,33 @@ class Settings:
             "carbon24": "carbon_24/carbon_24_all.csv.gz",
         }
     )
+    # --- directive pattern: generator, validity filters, generation runs (issue 4) ---
+    # Checkpoint `matcouple generate` uses (relative to the checkout unless absolute);
+    # $MATCOUPLE_GENERATOR_CHECKPOINT overrides it.
+    generator_checkpoint: str = "models/generator/generator.pt"
+    # Where parsed training sets are cached as tensors (git-ignored).
+    generator_cache_dir: str = ".cache/generator"
+    # Training structures with more atoms than this are left out (MP-20 convention).
+    generator_max_atoms: int = 20
+    # Validity filters of generated candidates (paper section 4.2).
+    filter_max_elements: int = 10
+    filter_symprec: float = 0.1
+    filter_min_distance: float = 0.5
+    filter_min_volume_per_atom: float = 3.0
+    filter_max_volume_per_atom: float = 100.0
+    # SMACT: charge neutrality only, or also Pauling's electronegativity ordering.
+    filter_smact_pauling_test: bool = False
+    # Candidates sampled per GPU batch, and per Firework in a generation workflow.
+    generation_batch_size: int = 512
+    generation_per_firework: int = 5000
+    # Reverse diffusion steps at sampling time (the model is trained with T=1000).
+    generation_steps: int = 1000
+    # Hybrid p(N): leave the data distribution once the rolling valid fraction drops
+    # below this share of its first window's value.
+    hybrid_switch_ratio: float = 0.75
+    hybrid_window: int = 4
+    generated_source: str = "generated"
+    generation_collection: str = "generation_runs"
 
 
 @lru_cache(maxsize=1)

@@ -11,12 +11,10 @@ from rich.table import Table
 
 from matcouple.errors import MatcoupleError
 
-train_app = typer.Typer(help="Train models on the GPU or CPU, resumably.", no_args_is_help=True)
 console = Console()
 err = Console(stderr=True)
 
 
-@train_app.command("surrogate")
 def train_surrogate(
     out: Path = typer.Option(..., help="Training checkpoint (re-run to continue it)."),
     data: Path | None = typer.Option(None, help="Labelled CSV (default: MP 2018.6.1)."),
