@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from matcouple.dft.cli import dft_app
 from matcouple.errors import MatcoupleError
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ screen_app = typer.Typer(help="Screening workflows (symmetry, density) on the La
 app.add_typer(db_app, name="db")
 app.add_typer(data_app, name="data")
 app.add_typer(screen_app, name="screen")
+app.add_typer(dft_app, name="dft")
 
 console = Console()
 err = Console(stderr=True)
