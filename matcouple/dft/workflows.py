@@ -43,14 +43,20 @@ def _spec(run: str, category: str | None, queueadapter: Mapping[str, Any] | None
 def dft_workflow(material_id: str, structure: Structure, *, engine: str, preset: str,
                  run: str, category: str | None = None,
                  queueadapter: Mapping[str, Any] | None = None,
-                 launchpad_file: str | None = None, input_id: str | None = None) -> Workflow:
-    """The workflow that relaxes ``structure`` and stores its result."""
+                 launchpad_file: str | None = None, input_id: str | None = None,
+                 missing_references: Sequence[str] | None = None) -> Workflow:
+    """The workflow that relaxes ``structure`` and stores its result.
+
+    For VASP, ``missing_references`` (default: those not cached) are computed inside the
+    workflow; pass ``[]`` when a references workflow of the same submission does it.
+    """
     if engine == "vasp":
         from matcouple.dft.vasp import vasp_workflow
 
         return vasp_workflow(material_id, structure, preset=preset, run=run,
                              category=category, queueadapter=queueadapter,
-                             launchpad_file=launchpad_file, input_id=input_id)
+                             launchpad_file=launchpad_file, input_id=input_id,
+                             missing_references=missing_references)
     params: dict[str, Any] = {"structure": structure.as_dict(), "material_id": material_id,
                               "engine": engine, "preset": preset}
     if input_id:
@@ -152,6 +158,7 @@ def submit_dft(config: LaunchpadConfig, structures: Sequence[tuple[str, Structur
     for material_id, structure in todo:
         wf = dft_workflow(material_id, structure, engine=engine, preset=preset, run=sub.run,
                           category=category, queueadapter=queueadapter,
-                          launchpad_file=lp_file, input_id=material_id)
+                          launchpad_file=lp_file, input_id=material_id,
+                          missing_references=[] if sub.reference_fw_ids else None)
         sub.fw_ids[material_id] = sorted(lp.add_wf(wf).values())
     return sub
