@@ -28,7 +28,6 @@ from matcouple.store.connection import open_launchpad
 from matcouple.store.materials import MaterialsStore
 from tests.conftest import write_launchpad_file
 
-pytest.importorskip("gpaw")
 BIN = Path(sys.executable).parent
 PBE_SI_A = 5.47  # A, PBE lattice constant of diamond Si
 

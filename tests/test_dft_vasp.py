@@ -10,8 +10,6 @@ from matcouple.dft.errors import EngineUnavailableError, UnsupportedElementError
 from matcouple.dft.vasp import VaspEngine, corrected_entry, vasp_workflow, write_vasp_inputs
 from matcouple.dft.workflows import submit_dft
 
-pytest.importorskip("atomate2")
-
 
 @pytest.fixture()
 def hematite() -> Structure:
