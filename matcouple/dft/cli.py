@@ -46,7 +46,7 @@ def _print_rows(rows: list[dict], title: str) -> None:
     console.print(table)
     for r in rows:
         if r.get("error"):
-            err.print(f"{r['material_id']}: {r['error'][-1]}", highlight=False, soft_wrap=True)
+            err.print(f"{r['material_id']}: {r['error']}", highlight=False, soft_wrap=True)
 
 
 @dft_app.command("run")

@@ -35,23 +35,22 @@ def launch_run_here(lp: LaunchPad, run: str, workdir: Path) -> None:
 
 def run_results(lp: LaunchPad, run: str) -> list[dict[str, Any]]:
     """One row per structure of the run: state, relaxed lattice, energies, failures."""
-    rows = []
     store = MaterialsStore(lp.db)
-    fws = lp.fireworks.find({"spec.matcouple_run": run,
-                             "spec._tasks.0._fw_name": {"$regex": "DFTRelaxStaticTask"}},
-                            {"fw_id": 1, "state": 1, "spec._tasks": 1})
-    latest: dict[str, dict[str, Any]] = {}
-    for fw in sorted(fws, key=lambda d: d["fw_id"]):
-        task = fw["spec"]["_tasks"][0]
-        latest[task["material_id"]] = {"fw_id": fw["fw_id"], "state": fw["state"],
-                                       "task": task}
-    for material_id, info in latest.items():
-        task = info["task"]
-        source = f"{task['engine']}-{task['preset']}"
-        doc = store.get(source, material_id) if info["state"] == "COMPLETED" else None
-        row: dict[str, Any] = {"material_id": material_id, "state": info["state"],
-                               "fw_id": info["fw_id"], "attempt": task.get("attempt", 1)}
-        if doc is not None:
+    rows = []
+    for wf in lp.workflows.find({"metadata.run": run, "metadata.matcouple": "dft"},
+                                sort=[("metadata.material_id", 1)]):
+        meta = wf["metadata"]
+        fws = list(lp.fireworks.find({"fw_id": {"$in": wf["nodes"]}},
+                                     {"fw_id": 1, "state": 1, "name": 1}))
+        attempts = [fw for fw in fws if fw["name"].startswith(("dft ", "dft retry"))]
+        row: dict[str, Any] = {
+            "material_id": meta["material_id"], "state": wf["state"],
+            "fw_id": max(fw["fw_id"] for fw in (attempts or fws)),
+            "attempt": len(attempts) or None, "engine": meta["engine"],
+            "preset": meta["preset"],
+        }
+        doc = store.get(f"{meta['engine']}-{meta['preset']}", meta["material_id"])
+        if doc is not None and wf["state"] == "COMPLETED":
             lattice = doc["structure"]["lattice"]
             dft = doc["dft"]
             row.update(formula=doc["reduced_formula"], a=lattice["a"], b=lattice["b"],
@@ -59,9 +58,15 @@ def run_results(lp: LaunchPad, run: str) -> list[dict[str, Any]]:
                        formation_energy_per_atom=dft["formation_energy_per_atom"],
                        band_gap=dft["band_gap"], fidelity=doc["fidelity"],
                        wall_s=dft["timings"].get("total_s"))
-        elif info["state"] == "FIZZLED":
-            launch = lp.launches.find_one({"fw_id": info["fw_id"]}, sort=[("launch_id", -1)])
-            exc = (launch or {}).get("action", {}).get("stored_data", {}).get("_exception", {})
-            row["error"] = str(exc.get("_stacktrace", "")).strip().splitlines()[-1:] or ["?"]
+        for fw in fws:
+            if fw["state"] == "FIZZLED":
+                row["error"] = _exception(lp, fw["fw_id"])
         rows.append(row)
     return rows
+
+
+def _exception(lp: LaunchPad, fw_id: int) -> str:
+    launch = lp.launches.find_one({"fw_id": fw_id}, sort=[("launch_id", -1)]) or {}
+    exc = launch.get("action", {}).get("stored_data", {}).get("_exception", {})
+    lines = str(exc.get("_stacktrace", "")).strip().splitlines()
+    return lines[-1] if lines else "fizzled (no exception recorded)"
