@@ -19,7 +19,7 @@ import pytest
 from pymatgen.core import Lattice, Structure
 
 from matcouple.dft.calculation import run_dft
-from matcouple.dft.errors import SCFNotConvergedError, UnsupportedElementError
+from matcouple.dft.errors import SCFNotConvergedError, UnsupportedElementError, WalltimeError
 from matcouple.dft.gpaw_engine import GpawEngine
 from matcouple.dft.presets import gpaw_preset
 from matcouple.dft.retries import escalate
@@ -145,6 +145,16 @@ def test_scf_failure_names_itself(tmp_path):
         GpawEngine().relax_static(si_primitive(5.43), "fast", workdir=tmp_path,
                                   retry={"scf_maxiter": 2})
     assert info.value.kind == "scf_not_converged" and info.value.structure is not None
+
+
+def test_walltime_stops_cleanly_with_the_last_geometry(tmp_path):
+    with pytest.raises(WalltimeError, match="walltime") as info:
+        GpawEngine().relax_static(si_primitive(5.30), "fast", workdir=tmp_path,
+                                  walltime_s=1e-3)
+    # Stopped right after the first forces: the geometry to continue from is the input's.
+    assert info.value.kind == "walltime" and info.value.steps_done == 0
+    assert Structure.from_dict(info.value.structure).volume == pytest.approx(
+        si_primitive(5.30).volume)
 
 
 def test_escalation_changes_what_fixes_it():
