@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -13,7 +14,8 @@ from matcouple.errors import MatcoupleError
 
 dft_app = typer.Typer(help="DFT relaxations (GPAW here, VASP on a cluster) on the LaunchPad.",
                       no_args_is_help=True)
-console = Console()
+# Wide enough for the results table when stdout is a file or a pipe.
+console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 LAUNCHPAD_OPTION = typer.Option(
@@ -32,17 +34,25 @@ def _queueadapter(walltime: str | None, nodes: int | None, ntasks: int | None) -
     return {k: v for k, v in hints.items() if v is not None}
 
 
+def _num(value, fmt: str = ".4f") -> str:
+    return "" if value is None else format(value, fmt)
+
+
 def _print_rows(rows: list[dict], title: str) -> None:
+    if not rows:
+        console.print(f"{title}: nothing was run")
+        return
     table = Table(title=title)
-    for col in ("material_id", "formula", "state", "a", "b", "c", "energy_per_atom",
-                "formation_energy_per_atom", "band_gap", "attempt", "wall_s"):
-        table.add_column(col.replace("_per_atom", "/atom").replace("energy", "E"))
+    for header in ("id", "formula", "state", "a, b, c (A)", "E (eV/atom)", "E_f (eV/atom)",
+                   "gap (eV)", "attempts", "wall (s)"):
+        table.add_column(header, overflow="fold")
     for r in rows:
-        cells = [r.get(k) for k in ("material_id", "formula", "state", "a", "b", "c",
-                                     "energy_per_atom", "formation_energy_per_atom", "band_gap",
-                                     "attempt", "wall_s")]
-        table.add_row(*["" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-                        for v in cells])
+        abc = (" ".join(f"{r[k]:.4f}" for k in ("a", "b", "c")) if r.get("a") is not None
+               else "")
+        table.add_row(str(r["material_id"]), r.get("formula", ""), r["state"], abc,
+                      _num(r.get("energy_per_atom")),
+                      _num(r.get("formation_energy_per_atom")), _num(r.get("band_gap"), ".3f"),
+                      str(r.get("attempt") or ""), _num(r.get("wall_s"), ".1f"))
     console.print(table)
     for r in rows:
         if r.get("error"):
