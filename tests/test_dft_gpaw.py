@@ -175,17 +175,12 @@ def test_missing_setup_is_a_clear_error(tmp_path):
 
 
 def test_cli_prints_relaxed_lattice(dft_launchpad, tmp_path):
-    """`matcouple dft run FILE`: skips what is computed, recomputes on request, prints a."""
+    """`matcouple dft run FILE` computes and prints a; run again, it skips the structure."""
     config, _ = dft_launchpad
-    path = tmp_path / "si.cif"
+    path = tmp_path / "si-cli.cif"
     si_primitive(5.43).to(filename=str(path))
-    env = {**os.environ, "MATCOUPLE_LAUNCHPAD": str(config.path),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MATCOUPLE_LAUNCHPAD": str(config.path), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "matcouple.cli", "dft", "run", str(path)]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "skipped si: already computed as gpaw-fast:si" in proc.stderr
     proc = subprocess.run([*cmd, "--recompute", "--json", "--run", "cli"], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -193,3 +188,8 @@ def test_cli_prints_relaxed_lattice(dft_launchpad, tmp_path):
     assert row["state"] == "COMPLETED" and row["formula"] == "Si"
     assert row["a"] * math.sqrt(2) == pytest.approx(PBE_SI_A, rel=0.01)
     assert row["energy_per_atom"] == pytest.approx(-5.37, abs=0.05)
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped si-cli: already computed as gpaw-fast:si-cli" in proc.stderr
+    assert "nothing was run" in proc.stdout
