@@ -28,6 +28,8 @@ sysdeps:
 	  apt-get update -qq && apt-get install -y -qq python3-venv python3-dev; }
 	@missing=$$(for p in $(DFT_APT); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	command -v cc >/dev/null 2>&1 || missing="$$missing build-essential"; \
+	$(PYTHON) -c "import os, sysconfig; assert os.path.exists(os.path.join( \
+	  sysconfig.get_paths()['include'], 'Python.h'))" 2>/dev/null || missing="$$missing python3-dev"; \
 	if [ -n "$$(echo $$missing)" ]; then \
 	  echo "installing$$(printf ' %s' $$missing) with apt (to build GPAW)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
