@@ -193,3 +193,19 @@ def test_cli_prints_relaxed_lattice(dft_launchpad, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "skipped si-cli: already computed as gpaw-fast:si-cli" in proc.stderr
     assert "nothing was run" in proc.stdout
+
+
+def test_atomate2_makers_share_the_engine_scale(tmp_path):
+    """GpawStaticMaker (an atomate2 ASE maker) gives the engine's static energy."""
+    from jobflow import run_locally
+
+    from matcouple.dft.makers import GpawRelaxMaker, GpawStaticMaker
+
+    assert GpawRelaxMaker(preset="standard").relax_kwargs["fmax"] == 0.02
+    si = si_primitive(5.489)
+    responses = run_locally(GpawStaticMaker(preset="fast").make(si), root_dir=tmp_path,
+                            ensure_success=True)
+    (out,) = [r[1].output for r in responses.values()]
+    engine = GpawEngine().relax_static(si, "fast", workdir=tmp_path / "engine")
+    # the engine relaxed first (a few meV at most) and then ran the same static settings
+    assert out.output.energy / len(si) == pytest.approx(engine.energy_per_atom, abs=0.005)
