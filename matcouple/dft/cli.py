@@ -85,6 +85,7 @@ def dft_run(
     here with FireWorks' rapidfire unless --submit-only, and prints each relaxed lattice
     and energy. The results are `materials` documents of source <engine>-<preset>.
     """
+    from matcouple.dft.engine import get_engine
     from matcouple.dft.runs import launch_run_here, run_results
     from matcouple.dft.workflows import submit_dft
     from matcouple.screening import collect_structures
@@ -96,6 +97,7 @@ def dft_run(
     if not (paths or formula or chemsys):
         _fail(MatcoupleError("give structure files/folders, or --formula/--chemsys"))
     try:
+        get_engine(engine)  # an unknown engine fails before any structure is read
         config = LaunchpadConfig.load(launchpad)
         structures, refused = collect_structures(config, paths or [], formula=formula,
                                                  chemsys=chemsys, limit=limit)
