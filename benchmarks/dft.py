@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -41,7 +42,8 @@ from matcouple.store.connection import LaunchpadConfig, open_database  # noqa: E
 from matcouple.store.server import EmbeddedServer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_FORMULAS = ["Si", "MgO", "NaCl", "LiF", "AlP"]
+# Non-layered references only: layered elements (black P, graphite) relax slowly without vdW.
+DEFAULT_FORMULAS = ["Si", "MgO", "NaCl", "LiF", "KCl"]
 
 
 def mp_entries(formulas: list[str]) -> dict[str, dict]:
@@ -110,7 +112,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench(args: argparse.Namespace, config: LaunchpadConfig, workdir: Path) -> dict:
+def bench(args: argparse.Namespace, config: LaunchpadConfig, workdir: Path,
+          partial: Path) -> dict:
     engine = get_engine(args.engine)
     entries = mp_entries(args.formulas)
     db = open_database(config)
@@ -142,6 +145,7 @@ def bench(args: argparse.Namespace, config: LaunchpadConfig, workdir: Path) -> d
                 "energy_per_atom": result.energy_per_atom,
             }
             rows.append(row)
+            partial.write_text(json.dumps(rows, indent=1))  # kept if the run is cut short
             tqdm.write(f"{preset:8s} {formula:5s} {wall:6.1f} s  E_f {row['e_form']:+.3f} "
                        f"(MP {row['e_form_mp']:+.3f})  gap {row['band_gap']:.2f} "
                        f"(MP {row['band_gap_mp']:.2f})  "
@@ -191,6 +195,8 @@ def main() -> None:
     parser.add_argument("--summarize-only", action="store_true",
                         help="recompute summary and plot from the saved JSON")
     args = parser.parse_args()
+    # A kill (SIGTERM) unwinds like Ctrl-C, so the embedded server is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"dft_{args.engine}.json"
     if args.summarize_only:
@@ -212,7 +218,7 @@ def main() -> None:
                                             "name": "dft_bench", "strm_lvl": "ERROR"}))
             config = LaunchpadConfig.load(path)
         try:
-            data = bench(args, config, tmp_path / "calcs")
+            data = bench(args, config, tmp_path / "calcs", out.with_suffix(".partial.json"))
         finally:
             if server is not None:
                 server.stop()
