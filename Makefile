@@ -7,23 +7,32 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 export FW_CONFIG_FILE := $(CURDIR)/fw_configs/FW_config.yaml
 
-.PHONY: install sysdeps demo test lint db-start db-stop benchmark clean-db
+.PHONY: install sysdeps demo test lint db-start db-stop benchmark benchmark-dft clean-db
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@$(MAKE) --no-print-directory sysdeps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,dft,vasp]"
 	touch $@
 
 install: $(VENV)/.installed
 
 # System packages, installed with apt only where missing.
+# GPAW (the [dft] extra) compiles against libxc, OpenBLAS, FFTW and MPI.
+DFT_APT := libxc-dev libopenblas-dev libfftw3-dev libopenmpi-dev
 sysdeps:
 	@$(PYTHON) -c "import venv, ensurepip" 2>/dev/null || { \
 	  echo "installing python3-venv with apt"; \
 	  apt-get update -qq && apt-get install -y -qq python3-venv python3-dev; }
+	@missing=$$(for p in $(DFT_APT); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	command -v cc >/dev/null 2>&1 || missing="$$missing build-essential"; \
+	$(PYTHON) -c "import os, sysconfig; assert os.path.exists(os.path.join( \
+	  sysconfig.get_paths()['include'], 'Python.h'))" 2>/dev/null || missing="$$missing python3-dev"; \
+	if [ -n "$$(echo $$missing)" ]; then \
+	  echo "installing$$(printf ' %s' $$missing) with apt (to build GPAW)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
 demo: install
 	$(BIN)/matcouple demo
@@ -43,3 +52,6 @@ db-stop: install
 
 benchmark: install
 	$(BIN)/python benchmarks/launchpad.py
+
+benchmark-dft: install
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/dft.py

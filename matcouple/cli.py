@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from matcouple.directive.cli import generate_app, train_app
+from matcouple.dft.cli import dft_app
 from matcouple.errors import MatcoupleError
 from matcouple.surrogate import cli as surrogate_cli
 
@@ -31,6 +32,7 @@ app.add_typer(generate_app, name="generate")
 train_app.command("surrogate")(surrogate_cli.train_surrogate)
 app.add_typer(train_app, name="train")
 app.command("predict")(surrogate_cli.predict)
+app.add_typer(dft_app, name="dft")
 
 console = Console()
 err = Console(stderr=True)

@@ -92,6 +92,26 @@ class Settings:
     hybrid_window: int = 4
     generated_source: str = "generated"
     generation_collection: str = "generation_runs"
+    # --- DFT (matcouple.dft) ---
+    # Engine and preset used when none is named (`matcouple dft run`, workflow builders).
+    dft_engine: str = field(default_factory=lambda: os.environ.get("MATCOUPLE_DFT_ENGINE",
+                                                                   "gpaw"))
+    dft_preset: str = field(default_factory=lambda: os.environ.get("MATCOUPLE_DFT_PRESET",
+                                                                   "fast"))
+    # Where calculations write their files; empty means the current (launch) directory.
+    dft_workdir: str = field(default_factory=lambda: os.environ.get("MATCOUPLE_DFT_WORKDIR",
+                                                                    ""))
+    dft_references_collection: str = "dft_references"
+    # A worker waits this long for another one computing the same elemental reference.
+    dft_reference_claim_timeout_s: float = 3600.0
+    # `_category` of DFT Fireworks, so a DFT-only worker can take just these.
+    dft_category: str = "dft"
+    # Attempts of one calculation (first run plus retries with escalated settings).
+    dft_max_attempts: int = 3
+    # Seconds a calculation may run before it stops cleanly and is continued by a retry
+    # (0: no limit); set it a little under the queue walltime.
+    dft_walltime_s: float = field(default_factory=lambda: float(
+        os.environ.get("MATCOUPLE_DFT_WALLTIME_S", "0")))
 
 
 @lru_cache(maxsize=1)
