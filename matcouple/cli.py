@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from matcouple.directive.cli import generate_app, train_app
 from matcouple.dft.cli import dft_app
+from matcouple.directive.cli import generate_app, train_app
 from matcouple.errors import MatcoupleError
 from matcouple.surrogate import cli as surrogate_cli
 
