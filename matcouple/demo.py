@@ -79,9 +79,10 @@ def run_demo(n: int = 512, launchpad: Path | None = None, console: Console | Non
         status = embedded_server(config).start(timeout_s=settings.db_start_timeout_s)
         console.print(status.describe())
     store = MaterialsStore(open_database(config))
-    report = ingest(known_dataset("mp2018", "ci"), store)
+    spec = known_dataset("mp2018", "ci")
+    report = ingest(spec, store)
     console.print(report.summary())
-    structures, _ = collect_structures(config, [], limit=n)
+    structures, _ = collect_structures(config, [], limit=n, dataset=spec.name)
     category = "matcouple-demo"
     run, fw_ids = submit_screening(config, structures, category=category)
     console.print(f"submitted run {run}: {len(structures)} structures in {len(fw_ids)} "

@@ -25,6 +25,7 @@ def collect_structures(
     formula: str | None = None,
     chemsys: str | None = None,
     limit: int | None = None,
+    dataset: str | None = None,
 ) -> tuple[list[tuple[str, Structure]], list[tuple[str, str]]]:
     """Structures from files/folders and/or the materials collection, plus refused files."""
     structures: list[tuple[str, Structure]] = []
@@ -34,12 +35,14 @@ def collect_structures(
             structures.append((path.stem, structure_from_file(path)))
         except MatcoupleError as exc:
             refused.append((str(path), str(exc)))
-    if formula or chemsys or not paths:
+    if formula or chemsys or dataset or not paths:
         query: dict[str, Any] = {}
         if formula:
             query["reduced_formula"] = normalise_formula(formula)
         if chemsys:
             query["chemsys"] = normalise_chemsys(chemsys)
+        if dataset:
+            query["dataset"] = dataset
         store = MaterialsStore(open_database(config))
         cursor = store.collection.find(query, {"structure": 1}).sort("_id", 1)
         if limit:
