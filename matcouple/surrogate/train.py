@@ -103,8 +103,13 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
         if state.get("format") != CHECKPOINT_FORMAT:
             raise MatcoupleError(f"{out} is not a Crysformer training checkpoint")
         saved = state["train_config"]
+        # The data file may have moved (another machine): the caller's path is used and
+        # checked against the saved content hash below.
         cfg = replace(cfg, **{k: (tuple(v) if k == "targets" else v) for k, v in saved.items()
-                              if k not in ("epochs",)})
+                              if k not in ("epochs", "data")})
+        if state.get("data_hash") and state["data_hash"] != table_hash(Path(cfg.data)):
+            raise MatcoupleError(f"{cfg.data} is not the data set {out} was trained on "
+                                 "(content hash differs)")
     model_cfg = CrysformerConfig(**{**cfg.model, "targets": tuple(cfg.targets)})
     spec = GraphSpec(**cfg.graph)
     data_path = Path(cfg.data)
@@ -135,7 +140,8 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
         epoch, step, history = state["epoch"], state["step"], state["history"]
         best, best_score = state["best_state_dict"], state["best_score"]
         gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])  # dropout masks continue as if unbroken
+        if "torch_rng" in state:  # dropout masks continue as if unbroken
+            torch.set_rng_state(state["torch_rng"])
     elif init_from is not None:
         _init_from(model, init_from)
     on_gpu = dev.type == "cuda"
