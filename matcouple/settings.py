@@ -43,6 +43,11 @@ class Settings:
     server_selection_timeout_ms: int = 3000
     # How long `matcouple db start` waits for the new server to answer ping.
     db_start_timeout_s: float = 60.0
+    # Embedded server's commit durability: "none" writes the journal to the OS at every
+    # commit (an acknowledged write survives a killed server, not a power loss), "fsync"
+    # also waits for the disk (survives a power loss; writes ~4x slower).
+    db_commit_sync: str = field(default_factory=lambda: os.environ.get(
+        "MATCOUPLE_DB_COMMIT_SYNC", "none"))
     materials_collection: str = "materials"
     screening_collection: str = "screening"
     predictions_collection: str = "predictions"

@@ -113,3 +113,64 @@ def test_sorted_claim_walks_the_compound_index(server):
     # Unfixed 0.7.0b3 decodes and sorts every READY document per claim (20x slower here).
     assert large < 4 * small + 0.003, (small, large)
     client.close()
+
+
+def _write_until_killed(server, seconds: float) -> list[str]:
+    """Three writer threads insert + update until the server is SIGKILLed; acked ids."""
+    import os
+    import signal
+    import threading
+
+    client = pymongo.MongoClient(server.host, server.port, serverSelectionTimeoutMS=2000,
+                                 retryWrites=False)
+    coll = client.durability.docs
+    acked: list[str] = []
+
+    def writer(k: int) -> None:
+        i = 0
+        try:
+            while True:
+                doc_id = f"{k}-{i}"
+                coll.insert_one({"_id": doc_id, "pad": "x" * 200})
+                coll.update_one({"_id": doc_id}, {"$set": {"updated": True}})
+                acked.append(doc_id)
+                i += 1
+        except pymongo.errors.PyMongoError:
+            return
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    os.kill(server.status().pid, signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=30)
+    client.close()
+    return acked
+
+
+@pytest.mark.parametrize("method", ["none", "fsync"])
+def test_acknowledged_writes_survive_sigkill(tmp_path, method):
+    """Both commit methods keep every acknowledged write (and its update) across a kill."""
+    from matcouple.store.server import EmbeddedServer
+    from tests.conftest import free_port
+
+    srv = EmbeddedServer("127.0.0.1", free_port(), tmp_path / "db", tmp_path / "run",
+                         commit_sync=method)
+    srv.start()
+    try:
+        acked = _write_until_killed(srv, 2.5)
+        assert len(acked) > 200
+        time.sleep(0.3)
+        srv.start()
+        client = pymongo.MongoClient(srv.host, srv.port)
+        stored = {d["_id"]: d for d in client.durability.docs.find()}
+        lost = [i for i in acked if i not in stored or not stored[i].get("updated")]
+        assert lost == [], f"{len(lost)} of {len(acked)} acknowledged writes lost ({method})"
+    finally:
+        srv.stop()
+
+
+def test_commit_method_is_validated():
+    with pytest.raises(ValueError, match="commit sync"):
+        secantus_compat.set_commit_method("sometimes")

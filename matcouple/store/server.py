@@ -4,7 +4,8 @@ The server runs detached from the command that started it, so workers, ``lpad`` 
 notebooks share it. Its pid and log files live in the run directory; its WiredTiger files
 in the storage directory (an absolute path). It is started in standalone mode (no oplog
 replication cost per write) and with sync-on-commit (an acknowledged write survives a
-SIGKILL of the server).
+SIGKILL of the server; ``settings.db_commit_sync`` chooses whether each commit also waits
+for the disk).
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pymongo
 from pymongo.errors import OperationFailure, PyMongoError
 
 from matcouple.errors import PortInUseError, ServerStartError
+from matcouple.settings import get_settings
 
 LAUNCHER_MODULE = "matcouple.store.secantus_launcher"
 
@@ -100,6 +102,8 @@ class EmbeddedServer:
     run_dir: Path
     # Further secantusd-py flags, e.g. ("--auth",) or TLS options.
     extra_args: tuple[str, ...] = ()
+    # "none" or "fsync": see matcouple.store.secantus_compat.set_commit_method.
+    commit_sync: str = field(default_factory=lambda: get_settings().db_commit_sync)
 
     @property
     def pid_file(self) -> Path:
@@ -139,6 +143,7 @@ class EmbeddedServer:
     def command(self) -> list[str]:
         return [
             sys.executable, "-m", LAUNCHER_MODULE,
+            "--commit-sync", self.commit_sync,
             "--host", self.host,
             "--port", str(self.port),
             "--storage-path", str(self.storage_path),
