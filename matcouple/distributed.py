@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from matcouple.errors import MatcoupleError
 
@@ -183,9 +184,11 @@ def _rank_entry(index: int, fn: Callable, args_list: list[tuple], backend: str |
     from matcouple.settings import get_settings
 
     world = len(args_list)
-    os.environ.update({"RANK": str(index), "WORLD_SIZE": str(world), "LOCAL_RANK": str(index),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_PORT": str(port),
-                       "MASTER_ADDR": get_settings().ddp_master_addr})
+    if backend is not None:  # independent processes must not look like torchrun ranks
+        os.environ.update({"RANK": str(index), "WORLD_SIZE": str(world),
+                           "LOCAL_RANK": str(index), "LOCAL_WORLD_SIZE": str(world),
+                           "MASTER_PORT": str(port),
+                           "MASTER_ADDR": get_settings().ddp_master_addr})
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -226,8 +229,9 @@ def launch(fn: Callable, args_list: list[tuple], *, backend: str | None = None,
         try:
             while not context.join(grace_period=5.0):
                 pass
-        except mp.ProcessException as exc:
-            raise DistributedError(_describe_failure(Path(folder), exc)) from None
+        except ProcessException as exc:
+            raise DistributedError(
+                _describe_failure(Path(folder), exc, context.processes)) from None
         except KeyboardInterrupt:
             for process in context.processes:
                 if process.is_alive():
@@ -240,16 +244,27 @@ def launch(fn: Callable, args_list: list[tuple], *, backend: str | None = None,
         return results
 
 
-def _describe_failure(folder: Path, exc: mp.ProcessException) -> str:
-    """The first error any rank raised (the others usually fail because it left)."""
-    reports = []
+def _describe_failure(folder: Path, exc: ProcessException, processes: list) -> str:
+    """The root cause: a rank that died without a Python error (exit code, signal), else
+    the first error a rank raised (the others usually fail because it left)."""
+    reports = {}
     for path in folder.glob("error-*.pkl"):
         with open(path, "rb") as fh:
-            reports.append((int(path.stem.split("-")[1]), pickle.load(fh)))
-    if not reports:
-        return (f"rank {exc.error_index} (pid {exc.pid}) died without a Python error: {exc}; "
-                "the other ranks were stopped")
-    rank, first = min(reports, key=lambda r: r[1]["time"])
+            reports[int(path.stem.split("-")[1])] = pickle.load(fh)
+    silent = [(i, p.exitcode) for i, p in enumerate(processes)
+              if i not in reports and p.exitcode and p.exitcode > 0]
+    if not silent and not reports:
+        silent = [(exc.error_index, processes[exc.error_index].exitcode)]
+    if silent:
+        rank, code = silent[0]
+        how = f"exit code {code}" if code and code > 0 else f"signal {-(code or 0)}"
+        message = (f"rank {rank} died without a Python error ({how}; killed, out of memory "
+                   "or a crash in native code?)")
+        if reports:
+            other, first = min(reports.items(), key=lambda r: r[1]["time"])
+            message += f"; rank {other} then failed: {first['type']}"
+        return message + "; the other ranks were stopped"
+    rank, first = min(reports.items(), key=lambda r: r[1]["time"])
     message = f"rank {rank} failed: {first['type']}: {first['message']}"
     if not first["user_error"]:
         message += f"\n{first['traceback']}"
