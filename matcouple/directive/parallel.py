@@ -40,5 +40,6 @@ def train_on_gpus(out: Path, config: TrainConfig | None = None,
     backend = backend or default_backend()
     ranks = max(gpus, 1)
     threads = max(1, (os.cpu_count() or 1) // ranks) if backend == "gloo" else None
+    kwargs = {**kwargs, "device": "cpu" if backend == "gloo" else device}  # world 1: no group
     return launch(_rank_train, [(out, config, model_config, kwargs)] * ranks, backend=backend,
                   threads_per_process=threads)[0]

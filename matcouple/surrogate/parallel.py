@@ -50,6 +50,7 @@ def train_on_gpus(cfg: TrainConfig, out: Path, *, gpus: int, backend: str | None
     backend = backend or default_backend()
     ranks = max(gpus, 1)
     threads = _cpu_threads(ranks) if backend == "gloo" else None
+    kwargs = {**kwargs, "device": _device_for(gpus, backend, device)}  # world 1: no group
     return launch(_rank_train, [(cfg, out, kwargs)] * ranks, backend=backend,
                   threads_per_process=threads)[0]
 
