@@ -122,6 +122,8 @@ class Settings:
     ddp_lr_scaling: str = "sqrt"
     # `_category` of training Fireworks, so only a GPU worker takes them.
     training_category: str = "gpu"
+    # Queue system whose GPU request keys training Fireworks carry: "slurm" or "pbs".
+    training_scheduler: str = "slurm"
 
 
 @lru_cache(maxsize=1)

@@ -21,11 +21,14 @@ from matcouple.settings import get_settings
 KINDS = ("surrogate", "generator")
 
 
-def gpu_request(gpus: int) -> dict[str, Any]:
-    """``_queueadapter`` keys asking for ``gpus`` GPUs on one node (SLURM and PBS)."""
-    if gpus < 1:
-        return {"nodes": 1, "nnodes": 1}
-    return {"nodes": 1, "nnodes": 1, "gres": f"gpu:{gpus}", "ngpus": gpus}
+def gpu_request(gpus: int, scheduler: str = "slurm") -> dict[str, Any]:
+    """``_queueadapter`` keys asking for ``gpus`` GPUs on one node: ``gres`` for SLURM,
+    ``ngpus`` for PBS with ``fw_configs/PBS_gpu_template.txt``."""
+    if scheduler == "slurm":
+        return {"nodes": 1, **({"gres": f"gpu:{gpus}"} if gpus else {})}
+    if scheduler == "pbs":
+        return {"nnodes": 1, **({"ngpus": gpus} if gpus else {})}
+    raise ValueError(f"unknown scheduler {scheduler!r}; use 'slurm' or 'pbs'")
 
 
 def _visible_gpus() -> int:
@@ -39,7 +42,8 @@ def _continuation(task: FiretaskBase, fw_spec: dict, done: bool, summary: dict) 
         return FWAction(stored_data=summary)
     spec = {k: v for k, v in fw_spec.items() if not k.startswith("_") or k in (
         "_category", "_queueadapter", "_fworker")}
-    more = Firework([task.__class__(**dict(task))], spec=spec,
+    params = {k: v for k, v in task.items() if not k.startswith("_")}
+    more = Firework([task.__class__(**params)], spec=spec,
                     name=f"continue training {Path(task['out']).name}")
     return FWAction(stored_data=summary, additions=[more])
 
@@ -97,11 +101,13 @@ class TrainGeneratorTask(FiretaskBase):
 
 def training_workflow(kind: str, config: Any, out: str | Path, *, gpus: int,
                       minutes: float | None = None, category: str | None = None,
-                      name: str | None = None, **params: Any) -> Workflow:
+                      scheduler: str | None = None, name: str | None = None,
+                      **params: Any) -> Workflow:
     """One training Firework on ``gpus`` GPUs of one node (``gpus=0``: CPU).
 
     ``config`` is the surrogate's or generator's ``TrainConfig``; ``params`` go to the task
     (``members``, ``parallel_members``, ``export``, ``model_config``, ``backend``).
+    ``scheduler`` ('slurm' or 'pbs', default from settings) picks the GPU request keys.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown training kind {kind!r}; use one of {KINDS}")
@@ -118,7 +124,7 @@ def training_workflow(kind: str, config: Any, out: str | Path, *, gpus: int,
     task = TrainSurrogateTask(**task_params) if kind == "surrogate" \
         else TrainGeneratorTask(**task_params)
     spec = {"_category": category or get_settings().training_category,
-            "_queueadapter": gpu_request(gpus)}
+            "_queueadapter": gpu_request(gpus, scheduler or get_settings().training_scheduler)}
     name = name or f"train {kind} {Path(out).stem}"
     return Workflow([Firework([task], spec=spec, name=name)], name=name,
                     metadata={"matcouple": f"train-{kind}", "gpus": gpus})

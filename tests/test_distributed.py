@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fireworks import FWorker
+from fireworks.user_objects.queue_adapters.common_adapter import CommonAdapter
 
 from matcouple.directive.model import DenoiserConfig
 from matcouple.directive.train import TrainConfig as GeneratorConfig
@@ -128,11 +130,30 @@ def test_members_train_side_by_side(tmp_path):
         assert (tmp_path / f"model-s{seed}.pt").exists()
 
 
+@pytest.mark.parametrize("name,scheduler,line", [
+    ("my_qadapter_slurm_gpu.yaml", "slurm", "#SBATCH --gres=gpu:8"),
+    ("my_qadapter_pbs_gpu.yaml", "pbs", "#PBS -l select=1:ncpus=16:ngpus=8"),
+])
+def test_gpu_queue_adapters_take_the_fireworks_gpu_count(name, scheduler, line, tmp_path):
+    configs = Path(__file__).resolve().parents[1] / "fw_configs"
+    adapter = yaml.safe_load((configs / name).read_text())
+    if "_fw_template_file" in adapter:
+        adapter["_fw_template_file"] = str(configs / "PBS_gpu_template.txt")
+    adapter = CommonAdapter.from_dict(adapter)
+    wf = training_workflow("generator", GeneratorConfig(), tmp_path / "g.pt", gpus=8,
+                           scheduler=scheduler)
+    adapter.update(wf.fws[0].spec["_queueadapter"])  # what `qlaunch -r` does
+    script = adapter.get_script_str(str(tmp_path))
+    assert line in script and "my_fworker_gpu.yaml" in script
+    assert FWorker.from_file(str(configs / "my_fworker_gpu.yaml")).category == "gpu"
+
+
 def test_training_firework_asks_for_gpus_and_runs(launchpad_config, cli_env, tmp_path):
-    wf = training_workflow("surrogate", _cfg(epochs=1, limit_train=12), tmp_path / "fw.pt",
-                           gpus=2, backend="gloo")
+    # A 0.001-minute chunk stops after epoch 1 of 2 and queues its own continuation.
+    wf = training_workflow("surrogate", _cfg(epochs=2, limit_train=12), tmp_path / "fw.pt",
+                           gpus=2, backend="gloo", minutes=0.001)
     spec = wf.fws[0].spec
-    assert spec["_queueadapter"]["gres"] == "gpu:2" and spec["_queueadapter"]["ngpus"] == 2
+    assert spec["_queueadapter"] == {"nodes": 1, "gres": "gpu:2"}
     assert spec["_category"] == get_settings().training_category
     lp = open_launchpad(launchpad_config)
     lp.add_wf(wf)
@@ -144,7 +165,11 @@ def test_training_firework_asks_for_gpus_and_runs(launchpad_config, cli_env, tmp
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fw = lp.get_fw_by_id(min(lp.get_fw_ids()))
-    assert fw.state == "COMPLETED"
+    assert fw.state == "COMPLETED", lp.launches.find_one({"fw_id": fw.fw_id})["action"]
     stored = lp.launches.find_one({"fw_id": fw.fw_id})["action"]["stored_data"]
-    assert stored["done"] and stored["members"][0]["epoch"] == 1
+    assert not stored["done"] and stored["members"][0]["epoch"] == 1
+    follow = lp.get_fw_by_id(max(lp.get_fw_ids()))
+    assert follow.fw_id != fw.fw_id and follow.state == "READY"
+    assert follow.spec["_queueadapter"] == spec["_queueadapter"]
+    assert follow.tasks[0]["out"] == str((tmp_path / "fw.pt").resolve())
     assert torch.load(tmp_path / "fw-s7.pt", weights_only=True)["history"][0]["gpus"] == 2
