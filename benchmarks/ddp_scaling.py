@@ -16,7 +16,7 @@ Prints the figures and writes ``benchmarks/results/ddp_scaling.json`` with a plo
 
     python3 benchmarks/ddp_scaling.py --gpus 1                # one GPU now
     python3 benchmarks/ddp_scaling.py --gpus 1 2 4 8          # a node with 8 GPUs
-    python3 benchmarks/ddp_scaling.py --device cpu --backend gloo --gpus 1 2 --smoke
+    python3 benchmarks/ddp_scaling.py --device cpu --backend gloo --gpus 2   # tiny sizes
 """
 
 from __future__ import annotations
@@ -151,12 +151,14 @@ def main() -> None:
     p.add_argument("--gen-limit", type=int, default=None)
     p.add_argument("--cache-dir", type=Path, default=settings.graph_cache_dir)
     p.add_argument("--smoke", action="store_true",
-                   help="tiny models and data (checks the script, e.g. on CPU)")
+                   help="tiny models and data (checks the script); the default on CPU")
+    p.add_argument("--full", action="store_true", help="full sizes even on the CPU")
     p.add_argument("--out", type=Path, default=RESULTS / "ddp_scaling.json")
     a = p.parse_args()
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     a.backend = a.backend or ("nccl" if a.device == "cuda" else "gloo")
     a.model, a.gen_model = {}, {}
+    a.smoke = a.smoke or (a.device == "cpu" and not a.full)
     if a.smoke:
         a.data = settings.data_dir / settings.datasets["mp2018-ci"]
         a.split_column, a.batch_size, a.steps = "ci_split", 8, 3

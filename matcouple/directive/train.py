@@ -344,7 +344,7 @@ def train(
                         for k, v in zip(window[0], sums, strict=True)}
                 first_window = first_window or mean
                 last_window = mean
-                log.write(json.dumps({"step": state.step, "elapsed_s": round(state.elapsed_s, 1),
+                log.write(json.dumps({"step": state.step, "elapsed_s": round(state.elapsed_s, 3),
                                       "lr": state.optimizer.param_groups[0]["lr"], **mean}) + "\n")
                 log.flush()
                 bar.set_postfix(step=state.step, loss=f"{mean['loss']:.3f}")
