@@ -19,7 +19,7 @@ from matcouple.distributed import DistributedError, launch, scaled_lr
 from matcouple.settings import get_settings
 from matcouple.store.connection import open_launchpad
 from matcouple.surrogate.batching import GlobalBatchSampler
-from matcouple.surrogate.parallel import train_members, train_on_gpus
+from matcouple.surrogate.parallel import train_members
 from matcouple.surrogate.train import TrainConfig, train
 from matcouple.training_tasks import training_workflow
 from tests import ddp_workers
@@ -57,38 +57,43 @@ def test_global_batches_are_the_single_process_batches():
     assert scaled_lr(1e-3, 4, "sqrt") == pytest.approx(2e-3)
 
 
-def test_two_ranks_of_batch_b_train_like_one_process_of_batch_2b(tmp_path):
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """Two gloo ranks, batch 4 each, 2 epochs: every rank's final state and the checkpoint."""
+    out = tmp_path_factory.mktemp("ddp") / "ddp.pt"
+    return out, launch(ddp_workers.surrogate_state, [(_cfg(), out, QUIET)] * 2,
+                       backend="gloo", threads_per_process=1)
+
+
+def test_two_ranks_of_batch_b_train_like_one_process_of_batch_2b(ddp_run, tmp_path):
     """Same init, same global batches (21 crystals: the last batch is partial and uneven),
     gradients all-reduced: both ranks end equal, and equal to one process with batch 8."""
-    results = launch(ddp_workers.surrogate_state,
-                     [(_cfg(), tmp_path / "ddp.pt", QUIET)] * 2, backend="gloo",
-                     threads_per_process=1)
+    out, (r0, r1) = ddp_run
     single = train(_cfg(batch_size=8), tmp_path / "single.pt", device="cpu", **QUIET)
-    r0, r1 = results
     assert _max_diff(r0["state_dict"], r1["state_dict"]) == 0.0
     assert _max_diff(r0["state_dict"], single["state_dict"]) < 1e-5
     assert [h["train_loss"] for h in r0["history"]] == pytest.approx(
         [h["train_loss"] for h in single["history"]], rel=1e-5)
     for key in ("val_mae_formation_energy_per_atom", "val_mae_band_gap"):  # sharded val
         assert r0["history"][-1][key] == pytest.approx(single["history"][-1][key], rel=1e-5)
-    saved = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    saved = torch.load(out, weights_only=True)
     assert not any(k.startswith("module.") for k in saved["state_dict"])
     assert [h["gpus"] for h in saved["history"]] == [2, 2]
 
 
-def test_checkpoints_move_between_ddp_and_one_process(tmp_path):
-    ddp = train_on_gpus(_cfg(), tmp_path / "a.pt", gpus=2, backend="gloo", chunk_epochs=1,
-                        **QUIET)
-    assert ddp["epoch"] == 1
-    resumed = train(_cfg(), tmp_path / "a.pt", device="cpu", **QUIET)
-    assert resumed["epoch"] == 2 and [h["gpus"] for h in resumed["history"]] == [2, 1]
-    assert resumed["history"][0] == ddp["history"][0]
+def test_checkpoints_move_between_ddp_and_one_process(ddp_run, tmp_path):
+    out, (r0, _) = ddp_run
+    shutil.copy(out, tmp_path / "a.pt")
+    resumed = train(_cfg(epochs=3), tmp_path / "a.pt", device="cpu", **QUIET)
+    assert resumed["epoch"] == 3 and [h["gpus"] for h in resumed["history"]] == [2, 2, 1]
+    assert resumed["history"][:2] == r0["history"]
     one = train(_cfg(), tmp_path / "b.pt", device="cpu", chunk_epochs=1, **QUIET)
     both = launch(ddp_workers.surrogate_state, [(_cfg(), tmp_path / "b.pt", QUIET)] * 2,
                   backend="gloo", threads_per_process=1)
     assert [r["epoch"] for r in both] == [2, 2]
     assert _max_diff(both[0]["state_dict"], both[1]["state_dict"]) == 0.0
     assert both[0]["history"][0] == one["history"][0]
+    assert [h["gpus"] for h in both[0]["history"]] == [1, 2]
     assert torch.load(tmp_path / "b.pt", weights_only=True)["epoch"] == 2
 
 
