@@ -117,6 +117,18 @@ class Settings:
     # (0: no limit); set it a little under the queue walltime.
     dft_walltime_s: float = field(default_factory=lambda: float(
         os.environ.get("MATCOUPLE_DFT_WALLTIME_S", "0")))
+    # --- data-parallel training on the GPUs of one node (matcouple.distributed) ---
+    # Address of rank 0's rendezvous (one node: loopback); a free port is picked per run.
+    ddp_master_addr: str = "127.0.0.1"
+    # A collective that waits longer than this fails (a stuck rank ends the run).
+    ddp_timeout_minutes: float = 30.0
+    # Learning rate for a global batch N x per-GPU batch: "sqrt" (lr x sqrt(N), the rule
+    # for Adam-type optimizers), "linear" (lr x N, the SGD rule) or "none".
+    ddp_lr_scaling: str = "sqrt"
+    # `_category` of training Fireworks, so only a GPU worker takes them.
+    training_category: str = "gpu"
+    # Queue system whose GPU request keys training Fireworks carry: "slurm" or "pbs".
+    training_scheduler: str = "slurm"
 
 
 @lru_cache(maxsize=1)

@@ -140,6 +140,9 @@ def train_generator(
     layers: int = typer.Option(5),
     batch_size: int | None = typer.Option(None),
     device: str | None = typer.Option(None),
+    gpus: int | None = typer.Option(None, help="GPUs of this node in data parallel "
+                                               "(0: CPU); --batch-size is per GPU."),
+    backend: str | None = typer.Option(None, help="nccl (GPUs) or gloo (CPU processes)."),
 ) -> None:
     """Train the diffusion generator in resumable chunks (same as python -m ...train)."""
     from matcouple.directive.train import main
@@ -148,7 +151,8 @@ def train_generator(
             "--budget-minutes", str(budget_minutes), "--hidden", str(hidden),
             "--layers", str(layers)]
     for flag, value in (("--export", export), ("--limit", limit),
-                        ("--batch-size", batch_size), ("--device", device)):
+                        ("--batch-size", batch_size), ("--device", device),
+                        ("--gpus", gpus), ("--backend", backend)):
         if value is not None:
             argv += [flag, str(value)]
     try:

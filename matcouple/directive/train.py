@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ from matcouple.directive.model import (
     fully_connected_edges,
     parameter_count,
 )
+from matcouple.distributed import current, scaled_lr
 from matcouple.errors import CheckpointError
+from matcouple.settings import get_settings
 
 CHECKPOINT_FORMAT = "matcouple-generator-v1"
 
@@ -63,6 +66,8 @@ class TrainConfig:
     step_lr: float = 5e-7
     seed: int = 0
     limit: int | None = None
+    # Data-parallel: batch_size is per GPU; lr is scaled for the global batch by this rule.
+    lr_scaling: str = field(default_factory=lambda: get_settings().ddp_lr_scaling)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -107,6 +112,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     step: int = 0
     elapsed_s: float = 0.0
+    net: torch.nn.Module | None = None  # the DDP wrapper of `model` in a data-parallel run
 
 
 def _build(config: TrainConfig, model_config: DenoiserConfig,
@@ -235,8 +241,9 @@ def train_step(state: TrainState, data: CrystalSet, schedules: Schedules,
     known = torch.rand(len(idx), device=device) < config.csp_fraction
     noised = add_noise(schedules, t, b.lattice, b.frac, onehot, b.batch, known)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = model(noised.lattice, noised.frac, noised.types, t.float() / schedules.steps,
-                    b.batch, b.num_atoms, known, edges)
+        out = (state.net or model)(noised.lattice, noised.frac, noised.types,
+                                   t.float() / schedules.steps, b.batch, b.num_atoms, known,
+                                   edges)
     losses = diffusion_loss(*out, noised, b.batch, known, weights)
     for group in state.optimizer.param_groups:
         group["lr"] = learning_rate(config, state.step, state.elapsed_s)
@@ -271,13 +278,20 @@ def train(
     fixed job length; the learning-rate budget counts training time only.
 
     Returns a summary: steps, elapsed time, mean losses of the first and last log windows.
+    In a data-parallel run (:mod:`matcouple.distributed`) every rank calls this with its own
+    random batches; the losses logged are averaged over ranks, rank 0's clock sets the
+    learning rate and the stop for all, and only rank 0 writes the checkpoint and log.
     """
     start = time.monotonic()  # the chunk's wall clock includes loading the data
     out = Path(out)
     config = config or TrainConfig()
-    dev = pick_device(device)
+    ctx = current()
+    dev = ctx.device if ctx.enabled else pick_device(device)
+    progress = progress and ctx.is_main
     if data is None:
-        data = load_training_data(config.datasets, "train", config.max_atoms, config.limit)
+        with ctx.main_first():  # rank 0 parses and caches the set, the others read it
+            data = load_training_data(config.datasets, "train", config.max_atoms,
+                                      config.limit)
     if out.exists():
         state, config, model_config = _resume(out, config, data, dev)
     else:
@@ -290,7 +304,12 @@ def train(
     schedules = Schedules.build(config.diffusion_steps, config.sigma_min,
                                 config.sigma_max).to(dev)
     weights = LossWeights(config.loss_lattice, config.loss_frac, config.loss_types)
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + state.step)
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + state.step
+                                              + ctx.rank * 7_919_993)
+    state.net = ctx.wrap(state.model)
+    if ctx.enabled:  # each rank its own noise draws
+        torch.manual_seed(ctx.seed(config.seed, state.step))
+    step_config = replace(config, lr=scaled_lr(config.lr, ctx.world_size, config.lr_scaling))
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     log_path = out.with_name(out.stem + ".log.jsonl")
@@ -304,23 +323,28 @@ def train(
                desc=f"training {out.name} from step {state.step}")
     state.model.train()
     stop = _StopRequest()
-    with stop, open(log_path, "a") as log:
+    with stop, open(log_path if ctx.is_main else os.devnull, "a") as log:
         while True:
             now = time.monotonic()
             chunk_s = now - start
-            if chunk_s >= minutes * 60 or state.elapsed_s >= budget_s or stop.requested:
+            done = chunk_s >= minutes * 60 or state.elapsed_s >= budget_s or stop.requested
+            if ctx.enabled:  # rank 0's clock and signals decide for every rank
+                done, state.elapsed_s = ctx.from_main([done, state.elapsed_s])
+            if done:
                 break
             if max_steps is not None and state.step >= max_steps:
                 break
             t0 = time.monotonic()
-            losses = train_step(state, data, schedules, config, weights, dev, generator,
+            losses = train_step(state, data, schedules, step_config, weights, dev, generator,
                                 counts_cpu, starts_cpu)
             window.append(losses)
             if len(window) == 50 or (max_steps is not None and state.step >= max_steps):
-                mean = {k: float(sum(w[k] for w in window)) / len(window) for k in window[0]}
+                sums = ctx.sum(torch.stack([sum(w[k] for w in window) for k in window[0]]))
+                mean = {k: float(v) / (len(window) * ctx.world_size)
+                        for k, v in zip(window[0], sums, strict=True)}
                 first_window = first_window or mean
                 last_window = mean
-                log.write(json.dumps({"step": state.step, "elapsed_s": round(state.elapsed_s, 1),
+                log.write(json.dumps({"step": state.step, "elapsed_s": round(state.elapsed_s, 3),
                                       "lr": state.optimizer.param_groups[0]["lr"], **mean}) + "\n")
                 log.flush()
                 bar.set_postfix(step=state.step, loss=f"{mean['loss']:.3f}")
@@ -330,14 +354,17 @@ def train(
             if state.step % 20 == 0:
                 bar.refresh()
             if time.monotonic() - last_save > 60 * save_every_minutes:
-                save_checkpoint(out, state, meta)
+                if ctx.is_main:
+                    save_checkpoint(out, state, meta)
                 last_save = time.monotonic()
     bar.close()
-    save_checkpoint(out, state, meta)
+    if ctx.is_main:
+        save_checkpoint(out, state, meta)
     return {"checkpoint": str(out), "step": state.step, "elapsed_s": state.elapsed_s,
             "budget_s": budget_s, "parameters": parameter_count(state.model),
             "first_losses": first_window, "last_losses": last_window, "log": str(log_path),
-            "device": str(dev), "n_train": len(data)}
+            "device": str(dev), "n_train": len(data), "gpus": ctx.world_size,
+            "global_batch": config.batch_size * ctx.world_size}
 
 
 def export_release(checkpoint: Path, release: Path, half: bool = False) -> dict[str, Any]:
@@ -376,6 +403,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N training rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="GPUs of this node in data parallel (0: CPU); batch is per GPU")
+    parser.add_argument("--backend", choices=["nccl", "gloo"], default=None,
+                        help="process-group backend (gloo: CPU processes, for tests)")
     parser.add_argument("--export", type=Path, default=None,
                         help="after training, write the release file here")
     args = parser.parse_args(argv)
@@ -389,8 +420,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.lr:
         config.lr = args.lr
     model_config = DenoiserConfig(hidden=args.hidden, layers=args.layers)
-    summary = train(args.out, config, model_config, minutes=args.minutes,
-                    max_steps=args.max_steps, device=args.device)
+    if args.gpus is None and args.backend is None:
+        summary = train(args.out, config, model_config, minutes=args.minutes,
+                        max_steps=args.max_steps, device=args.device)
+    else:
+        from matcouple.directive.parallel import train_on_gpus
+
+        summary = train_on_gpus(args.out, config, model_config, gpus=args.gpus or 0,
+                                backend=args.backend, device=args.device,
+                                minutes=args.minutes, max_steps=args.max_steps)
     if args.export:
         summary["export"] = export_release(args.out, args.export)
     print(json.dumps(summary, indent=1))

@@ -29,9 +29,17 @@ def train_surrogate(
     init_from: Path | None = typer.Option(None, help="Fine-tune from this checkpoint."),
     device: str | None = typer.Option(None, help="cuda, cpu (default: cuda if present)."),
     export: Path | None = typer.Option(None, help="Also write the inference model file."),
+    gpus: int | None = typer.Option(None, help="GPUs of this node in data parallel (0: CPU); "
+                                               "--batch-size is per GPU."),
+    backend: str | None = typer.Option(None, help="nccl (GPUs) or gloo (CPU processes)."),
+    members: int = typer.Option(1, help="Ensemble members (seeds seed.. seed+M-1), "
+                                        "written as <out>-s<seed>.pt."),
+    parallel_members: bool = typer.Option(False, help="One process per member, member k "
+                                                      "on GPU k % gpus."),
 ) -> None:
     """Train Crysformer on a labelled table (resumable; checkpoint after every epoch)."""
     from matcouple.settings import get_settings
+    from matcouple.surrogate.parallel import train_members, train_on_gpus
     from matcouple.surrogate.train import TrainConfig, export_model, train
 
     settings = get_settings()
@@ -39,9 +47,21 @@ def train_surrogate(
         data=str(data or settings.data_dir / settings.datasets["mp2018"]),
         targets=tuple(targets.split(",")), split_column=split_column, epochs=epochs,
         batch_size=batch_size, lr=lr, seed=seed, limit_train=limit_train)
+    kwargs = {"minutes": minutes, "init_from": init_from, "cache_dir": settings.graph_cache_dir}
     try:
-        train(cfg, out, minutes=minutes, device=device, init_from=init_from,
-              cache_dir=settings.graph_cache_dir)
+        if members > 1 or parallel_members:
+            for r in train_members(cfg, out, members=members, gpus=1 if gpus is None else gpus,
+                                   backend=backend, parallel=parallel_members, device=device,
+                                   export=export, **kwargs):
+                console.print(f"member seed {r['seed']}: {r['checkpoint']} epoch {r['epoch']}"
+                              + (f", exported {r['export']} val MAE {r['val_mae']}"
+                                 if "export" in r else ""))
+            return
+        if gpus is not None or backend is not None:
+            train_on_gpus(cfg, out, gpus=1 if gpus is None else gpus, backend=backend,
+                          device=device, **kwargs)
+        else:
+            train(cfg, out, device=device, **kwargs)
         if export:
             info = export_model(out, export)
             console.print(f"exported {export}: val MAE {info['val_mae']}")

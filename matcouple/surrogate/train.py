@@ -19,8 +19,11 @@ import torch
 from torch_geometric.loader import DataLoader
 from tqdm import tqdm
 
+from matcouple.distributed import current, scaled_lr
 from matcouple.errors import MatcoupleError
+from matcouple.settings import get_settings
 from matcouple.surrogate.atom_features import atom_feature_table
+from matcouple.surrogate.batching import GlobalBatchSampler
 from matcouple.surrogate.data import load_graphs, table_hash
 from matcouple.surrogate.graph import GraphSpec
 from matcouple.surrogate.model import Crysformer, CrysformerConfig
@@ -48,6 +51,8 @@ class TrainConfig:
     amp: bool = False
     model: dict = field(default_factory=dict)
     graph: dict = field(default_factory=dict)
+    # Data-parallel: batch_size is per GPU; lr is scaled for the global batch by this rule.
+    lr_scaling: str = field(default_factory=lambda: get_settings().ddp_lr_scaling)
 
 
 def _device(name: str | None) -> torch.device:
@@ -82,6 +87,8 @@ def evaluate(model: Crysformer, loader: DataLoader, mean: torch.Tensor, std: tor
         pred = model(batch.z, batch.edge_index, batch.edge_vec, batch.batch, batch.num_graphs)
         err += ((pred * std + mean) - batch.y).abs().sum(0)
         n += batch.num_graphs
+    totals = current().sum(torch.cat([err, torch.tensor([float(n)], device=device)]))
+    err, n = totals[:-1], float(totals[-1])  # ranks evaluate disjoint shards
     return {t: float(e / max(n, 1)) for t, e in zip(model.cfg.targets, err, strict=True)}
 
 
@@ -94,8 +101,14 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
           cache_dir: Path | None = None, workers: int | None = None,
           progress: bool = True, chunk_epochs: int | None = None) -> dict:
     """Run (or continue) training until ``cfg.epochs``, the time budget or ``chunk_epochs``
-    more epochs, whichever comes first; return the checkpointed state."""
-    dev = _device(device)
+    more epochs, whichever comes first; return the checkpointed state.
+
+    Inside a data-parallel run (:mod:`matcouple.distributed`) every rank calls this: rank r
+    trains on its slice of each global batch, only rank 0 writes the checkpoint and prints.
+    """
+    ctx = current()
+    dev = ctx.device if ctx.enabled else _device(device)
+    progress = progress and ctx.is_main
     torch.manual_seed(cfg.seed)
     start_time = time.monotonic()
     state = torch.load(out, weights_only=True, map_location="cpu") if out.exists() else None
@@ -113,12 +126,13 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
     model_cfg = CrysformerConfig(**{**cfg.model, "targets": tuple(cfg.targets)})
     spec = GraphSpec(**cfg.graph)
     data_path = Path(cfg.data)
-    train_set = load_graphs(data_path, cfg.targets, split_column=cfg.split_column,
-                            split=cfg.train_split, spec=spec, limit=cfg.limit_train,
-                            cache_dir=cache_dir, workers=workers, progress=progress)
-    val_set = load_graphs(data_path, cfg.targets, split_column=cfg.split_column,
-                          split=cfg.val_split, spec=spec, cache_dir=cache_dir,
-                          workers=workers, progress=progress)
+    with ctx.main_first():  # rank 0 builds the graph cache, the others read it
+        train_set = load_graphs(data_path, cfg.targets, split_column=cfg.split_column,
+                                split=cfg.train_split, spec=spec, limit=cfg.limit_train,
+                                cache_dir=cache_dir, workers=workers, progress=progress)
+        val_set = load_graphs(data_path, cfg.targets, split_column=cfg.split_column,
+                              split=cfg.val_split, spec=spec, cache_dir=cache_dir,
+                              workers=workers, progress=progress)
     if not train_set.graphs or not val_set.graphs:
         raise MatcoupleError(f"no usable training/validation rows in {data_path}")
     ys = torch.cat([g.y for g in train_set.graphs])
@@ -130,7 +144,10 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
     model = Crysformer(model_cfg, table).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    steps_per_epoch = math.ceil(len(train_set.graphs) / cfg.batch_size)
+    sampler = GlobalBatchSampler(len(train_set.graphs), cfg.batch_size, gen, ctx.rank,
+                                 ctx.world_size)
+    steps_per_epoch = len(sampler)
+    lr = scaled_lr(cfg.lr, ctx.world_size, cfg.lr_scaling)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     epoch, step, history, best, best_score = 0, 0, [], None, float("inf")
@@ -147,10 +164,11 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
     on_gpu = dev.type == "cuda"
     if on_gpu:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
-    loader = DataLoader(train_set.graphs, batch_size=cfg.batch_size, shuffle=True,
-                        generator=gen, drop_last=False, num_workers=3 if on_gpu else 0,
-                        persistent_workers=on_gpu, pin_memory=on_gpu)
-    val_loader = DataLoader(val_set.graphs, batch_size=256)
+    net = ctx.wrap(model)  # DDP over the ranks; `model` stays the bare one that is saved
+    loader = DataLoader(train_set.graphs, batch_sampler=sampler,
+                        num_workers=3 if on_gpu else 0, persistent_workers=on_gpu,
+                        pin_memory=on_gpu)
+    val_loader = DataLoader(val_set.graphs[ctx.rank::ctx.world_size], batch_size=256)
     mean_d, std_d = mean.to(dev), std.to(dev)
     use_amp = cfg.amp and dev.type == "cuda"
     budget = None if minutes is None else minutes * 60
@@ -158,30 +176,38 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
     last_epoch = cfg.epochs if chunk_epochs is None else min(cfg.epochs, epoch + chunk_epochs)
     while epoch < last_epoch:
         model.train()
+        step = epoch * steps_per_epoch  # the schedule is per epoch on any number of GPUs
+        if ctx.enabled:  # each rank its own dropout masks, reproducible on resume
+            torch.manual_seed(ctx.seed(cfg.seed, epoch))
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                    leave=False)
-        running, count = 0.0, 0
-        for batch in bar:
+        running, count, epoch_start = 0.0, 0, time.monotonic()
+        for i, batch in enumerate(bar):
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * _lr_factor(step, total_steps, warmup)
+                g["lr"] = lr * _lr_factor(step, total_steps, warmup)
             batch = batch.to(dev, non_blocking=True)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                pred = model(batch.z, batch.edge_index, batch.edge_vec, batch.batch,
-                             batch.num_graphs)
-            loss = (pred.float() - (batch.y - mean_d) / std_d).abs().mean()
+                pred = net(batch.z, batch.edge_index, batch.edge_vec, batch.batch,
+                           batch.num_graphs)
+            err = (pred.float() - (batch.y - mean_d) / std_d).abs()
+            loss = err.sum() * sampler.loss_scale(i, err.shape[1])  # mean over global batch
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             step += 1
-            running += float(loss.detach()) * batch.num_graphs
-            count += batch.num_graphs
-            bar.set_postfix(loss=f"{running / count:.4f}")
+            if sampler.local_size(i):
+                running += float(err.detach().sum()) / err.shape[1]
+                count += batch.num_graphs
+            bar.set_postfix(loss=f"{running / max(count, 1):.4f}")
+        running, count = ctx.sum(torch.tensor([running, count], dtype=torch.float64)).tolist()
+        epoch_s = time.monotonic() - epoch_start
         epoch += 1
         mae = evaluate(model, val_loader, mean_d, std_d, dev)
         score = _score(mae, std, cfg.targets)
         history.append({"epoch": epoch, "train_loss": running / max(count, 1),
                         "elapsed_s": time.monotonic() - start_time,
+                        "train_s": epoch_s, "graphs": int(count), "gpus": ctx.world_size,
                         **{f"val_mae_{t}": v for t, v in mae.items()}})
         if progress:
             print(f"epoch {epoch}: train L1 {running / max(count, 1):.4f}  val MAE " +
@@ -200,11 +226,13 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
             "data_hash": table_hash(data_path), "n_train": len(train_set.graphs),
             "n_val": len(val_set.graphs), "skipped_train": len(train_set.skipped),
         }
-        _atomic_save(state, out)
+        if ctx.is_main:
+            _atomic_save(state, out)
         if budget is not None and epoch < cfg.epochs:
             per_epoch = (time.monotonic() - start_time) / max(len(history), 1)
-            if time.monotonic() - start_time + per_epoch > budget:
-                stopped_early = True
+            late = time.monotonic() - start_time + per_epoch > budget
+            stopped_early = bool(ctx.from_main([late])[0])  # rank 0's clock decides for all
+            if stopped_early:
                 break
     if progress and stopped_early:
         print(f"time budget reached after epoch {epoch}; run again to continue", flush=True)
