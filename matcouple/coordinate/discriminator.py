@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,14 @@ class MatchClassifier(nn.Module):
         """Calibrated p_match: sigmoid(a * logit + b)."""
         a, b = self.platt.float()
         return torch.sigmoid(a * self.logits(x) + b)
+
+
+@lru_cache(maxsize=1)
+def shipped_surrogate():
+    """The shipped Crysformer ensemble, loaded once per process (loading compiles it)."""
+    from matcouple.surrogate.predict import SurrogatePredictor
+
+    return SurrogatePredictor.default()
 
 
 def default_model_path() -> Path:
@@ -131,11 +140,9 @@ class MatchDiscriminator:
         return cls.load(default_model_path())
 
     def predictor(self):
-        """The shipped surrogate ensemble (loaded once) when the model reads its outputs."""
+        """The shipped surrogate ensemble when the model reads its outputs."""
         if self._predictor is None and self.uses_surrogate:
-            from matcouple.surrogate.predict import SurrogatePredictor
-
-            self._predictor = SurrogatePredictor.default()
+            self._predictor = shipped_surrogate()
         return self._predictor
 
     def features_of(self, structures: Sequence[Structure]) -> np.ndarray:

@@ -22,7 +22,7 @@ import torch
 from pymatgen.core import Structure
 from torch import nn
 
-from matcouple.coordinate.discriminator import MatchClassifier, save_model
+from matcouple.coordinate.discriminator import MatchClassifier, save_model, shipped_surrogate
 from matcouple.coordinate.discriminator_data import iter_labelled, read_sample_set
 from matcouple.coordinate.discriminator_features import GEOMETRY, SURROGATE, feature_matrix
 from matcouple.coordinate.discriminator_metrics import (
@@ -70,11 +70,9 @@ def _cached_features(path: Path, records: list[dict[str, Any]], predictor, tag: 
 def load_sample_features(paths: Sequence[Path | str], *, rmsd_threshold: float | None = None,
                          predictor=None, progress: bool = True) -> SampleFeatures:
     """Features and labels (RMSD < d) of every sample with a structure in ``paths``."""
-    from matcouple.surrogate.predict import SurrogatePredictor
-
     settings = get_settings()
     d = settings.discriminator_rmsd_threshold if rmsd_threshold is None else rmsd_threshold
-    predictor = predictor or SurrogatePredictor.default()
+    predictor = predictor or shipped_surrogate()
     tag = f"{FEATURES_VERSION}|{predictor.version}|{predictor.mode}"
     xs, ys, groups, rmsds, sources = [], [], [], [], []
     for path in map(Path, paths):
@@ -180,11 +178,15 @@ VARIANTS = {  # name -> (feature names, hidden layers)
 }
 
 
-def evaluate(data: SampleFeatures, folds: np.ndarray, p_min: float,
-             seed: int = 0) -> dict[str, dict[str, Any]]:
+def evaluate(data: SampleFeatures, folds: np.ndarray, p_min: float, seed: int = 0,
+             variants: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """Cross-validated AUC, precision at ``p_min`` and calibration of each variant."""
+    unknown = [v for v in variants or () if v not in VARIANTS]
+    if unknown:
+        raise DatasetError(f"unknown variant(s) {unknown}; use {', '.join(VARIANTS)}")
     results = {}
-    for name, (features, hidden) in VARIANTS.items():
+    for name in variants or VARIANTS:
+        features, hidden = VARIANTS[name]
         p = out_of_fold(data.columns(features), data.y, folds, hidden=hidden, seed=seed)
         fpr, tpr = roc_curve(data.y, p)
         results[name] = {
@@ -229,8 +231,10 @@ def plot_card(results: dict[str, dict[str, Any]], chosen: str, out: Path) -> Non
 
 def train_discriminator(paths: Sequence[Path | str], out: Path | str, *, folds: int = 5,
                         seed: int = 0, rmsd_threshold: float | None = None,
-                        variant: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Cross-validate the variants, fit the chosen one, write ``out`` + card + ROC plot."""
+                        variant: str | None = None, variants: Sequence[str] | None = None,
+                        progress: bool = True) -> dict[str, Any]:
+    """Cross-validate ``variants`` (default all), fit ``variant`` (default: the best
+    cross-validated AUC), write ``out`` + card + ROC plot."""
     settings = get_settings()
     out = Path(out)
     d = settings.discriminator_rmsd_threshold if rmsd_threshold is None else rmsd_threshold
@@ -240,9 +244,11 @@ def train_discriminator(paths: Sequence[Path | str], out: Path | str, *, folds: 
         raise DatasetError(f"all {len(data.y)} samples have the same label (RMSD < {d}): "
                            "nothing to discriminate; sample more compositions or change d")
     fold_of = group_folds(data.groups, folds, seed)
-    results = evaluate(data, fold_of, p_min, seed)
     if variant is not None and variant not in VARIANTS:
         raise DatasetError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
+    if variant is not None and variants is not None and variant not in variants:
+        variants = [*variants, variant]
+    results = evaluate(data, fold_of, p_min, seed, variants)
     chosen = variant or max(results, key=lambda n: results[n]["auc"])
     features, hidden = VARIANTS[chosen]
     val = fold_of == 0
