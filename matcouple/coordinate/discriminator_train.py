@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,7 +63,8 @@ def _cached_features(path: Path, records: list[dict[str, Any]], predictor, tag: 
         if str(stored["tag"]) == tag and len(stored["x"]) == len(records):
             return stored["x"]
     structures = [Structure.from_dict(r["structure"]) for r in records]
-    x = feature_matrix(structures, predictor=predictor, progress=progress)
+    workers = max(1, (os.cpu_count() or 2) - 1)
+    x = feature_matrix(structures, predictor=predictor, progress=progress, workers=workers)
     np.savez(cache, x=x, tag=np.array(tag))
     return x
 
