@@ -193,6 +193,18 @@ def test_shipped_model_scores_real_and_generated_structures(shipped, rocksalt_na
     assert shipped.meta["auc"] > 0.5
 
 
+def test_p_match_does_not_depend_on_the_cell_chosen(shipped, rocksalt_nacl):
+    primitive = rocksalt_nacl.get_primitive_structure()
+    supercell = primitive * (2, 1, 1)
+    scores = shipped.p_match([rocksalt_nacl, primitive, supercell])
+    assert scores[1] == pytest.approx(scores[0], abs=1e-6)
+    assert scores[2] == pytest.approx(scores[0], abs=1e-6)
+    # a real crystal scores above the same atoms thrown into the same box at random
+    rng = np.random.default_rng(0)
+    scrambled = Structure(rocksalt_nacl.lattice, rocksalt_nacl.species, rng.random((8, 3)))
+    assert shipped.p_match([scrambled])[0] < scores[0]
+
+
 def test_bad_input_gets_a_clear_error(shipped, rocksalt_nacl, tmp_path):
     with pytest.raises(StructureInputError, match="empty list"):
         shipped.p_match([])

@@ -10,6 +10,7 @@ can learn p_match from a few thousand labelled samples.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import warnings
@@ -103,7 +104,12 @@ def _bonds(structure: Structure, radii: np.ndarray) -> list[float]:
 
 
 def geometry_features(structure: Structure) -> list[float]:
-    """The GEOMETRY features of one ordered structure."""
+    """The GEOMETRY features of one ordered structure, read off its primitive cell so that
+    a conventional cell and a supercell score like the crystal they describe (the same
+    reduction StructureMatcher makes before labelling)."""
+    with warnings.catch_warnings(), contextlib.suppress(Exception):  # else: as given
+        warnings.simplefilter("ignore")
+        structure = structure.get_primitive_structure(tolerance=0.25)
     numbers = [site.specie.Z for site in structure]
     radii = np.array([_radius(z) for z in numbers])
     n = len(structure)

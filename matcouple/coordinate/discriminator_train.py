@@ -36,7 +36,7 @@ from matcouple.coordinate.discriminator_metrics import (
 from matcouple.errors import DatasetError
 from matcouple.settings import get_settings
 
-FEATURES_VERSION = "v1"
+FEATURES_VERSION = "v2-primitive"
 
 
 @dataclass
