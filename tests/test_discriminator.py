@@ -154,11 +154,17 @@ def test_classifier_trains_and_its_auc_is_computed_correctly(perov_samples, tmp_
         assert r["auc"] == pytest.approx(roc_auc(data.y, r["p"]))
         assert np.trapezoid(r["roc"]["tpr"], r["roc"]["fpr"]) == pytest.approx(r["auc"])
         assert np.all((r["p"] >= 0) & (r["p"] <= 1))
-    card = train_discriminator([path], tmp_path / "d.pt", folds=3, progress=False,
-                               variants=["logistic_all"])
-    assert card["auc"] == pytest.approx(results[card["model"]["variant"]]["auc"])
+    # a fresh copy of the file: no feature cache, geometry only (the surrogate is skipped)
+    fresh = tmp_path / "fresh.jsonl.gz"
+    fresh.write_bytes(path.read_bytes())
+    card = train_discriminator([fresh], tmp_path / "d.pt", folds=3, progress=False,
+                               variants=["mlp_geometry"])
+    assert list(card["metrics"]) == ["mlp_geometry"]
+    assert card["auc"] == pytest.approx(results["mlp_geometry"]["auc"])
     assert (tmp_path / "d.json").exists() and (tmp_path / "d_roc.png").exists()
     assert (tmp_path / "d.pt").stat().st_size < 2_000_000
+    with pytest.raises(DatasetError, match="unknown variant"):
+        train_discriminator([fresh], tmp_path / "e.pt", variant="forest")
     blob = torch.load(tmp_path / "d.pt", weights_only=True)
     assert blob["features"] == card["model"]["features"]
     model = MatchDiscriminator.load(tmp_path / "d.pt")
