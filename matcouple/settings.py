@@ -151,6 +151,9 @@ class Settings:
     finetune_batch_size: int = 32
     finetune_buffer_repeat: int = 4
     finetune_replay_size: int = 40
+    # Replay and validation rows are drawn among crystals of at most this many atoms (the
+    # size of the structures a design run computes; keeps a CPU fine-tune near a minute).
+    finetune_max_atoms: int = 40
     # Validation: a fixed slice (first rows) of the MEGNet val split, plus the held-out
     # share of the buffer (at least one entry once the buffer has 4 or more).
     finetune_val_size: int = 128
