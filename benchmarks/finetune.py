@@ -63,7 +63,8 @@ def bench(config: LaunchpadConfig, args: argparse.Namespace) -> list[dict]:
 
     db = open_database(config)
     rows = []
-    overrides = {"device": args.device} if args.device else {}
+    overrides = {k: v for k, v in {"device": args.device, "lr": args.lr,
+                                   "epochs": args.epochs}.items() if v is not None}
     for k in range(args.repeats):
         file_entries(db, args.entries, k * args.entries)
         t0 = time.perf_counter()
@@ -114,6 +115,9 @@ def main() -> None:
     p.add_argument("--entries", type=int, default=8)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--device", default=None)
+    p.add_argument("--lr", type=float, default=None, help="default Settings.finetune_lr")
+    p.add_argument("--epochs", type=int, default=None, help="default Settings.finetune_epochs")
+    p.add_argument("--out", type=Path, default=RESULTS / "finetune.json")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="matcouple-ft-bench-") as tmp:
         tmp_path = Path(tmp)
@@ -133,14 +137,14 @@ def main() -> None:
 
     s = get_settings()
     data = {"rows": rows, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average": os.getloadavg(),
+            "load_average": os.getloadavg(), "overrides": {"lr": args.lr, "epochs": args.epochs},
             "settings": {k: getattr(s, k) for k in (
                 "finetune_epochs", "finetune_lr", "finetune_batch_size",
                 "finetune_buffer_repeat", "finetune_replay_size", "finetune_val_size",
                 "finetune_holdout_fraction", "finetune_val_tolerance",
                 "finetune_holdout_tolerance")}}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "finetune.json"
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1))
     plot(data, out.with_suffix(".png"))
     for r in rows:

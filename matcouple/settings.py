@@ -121,12 +121,14 @@ class Settings:
     design_confidence: float = 0.90
     design_p_match_min: float = 0.5
     # Fine-tuning buffer: DFT results waiting to fine-tune the surrogate, one document per
-    # (material_id, fidelity). A fine-tune is due at `finetune_buffer_size` pending results,
-    # or when the oldest has waited `finetune_max_age_h` and at least
-    # `finetune_min_count_for_age` are pending.
+    # (material_id, fidelity). A fine-tune is due at `finetune_buffer_size` pending results
+    # ($MATCOUPLE_FINETUNE_BUFFER_SIZE), or when the oldest has waited `finetune_max_age_h`
+    # ($MATCOUPLE_FINETUNE_MAX_AGE_H) and at least `finetune_min_count_for_age` are pending.
     finetune_buffer_collection: str = "finetune_buffer"
-    finetune_buffer_size: int = 8
-    finetune_max_age_h: float = 24.0
+    finetune_buffer_size: int = field(default_factory=lambda: int(
+        os.environ.get("MATCOUPLE_FINETUNE_BUFFER_SIZE", "8")))
+    finetune_max_age_h: float = field(default_factory=lambda: float(
+        os.environ.get("MATCOUPLE_FINETUNE_MAX_AGE_H", "24")))
     finetune_min_count_for_age: int = 2
     # The single lock document that allows one queued-or-running fine-tune at a time. A
     # queued Firework's reservation lapses after `finetune_queue_ttl_s`, a running claim

@@ -136,16 +136,24 @@ def split_entries(entries: list[dict], fraction: float) -> tuple[list[dict], lis
 
 
 def entry_graphs(entries: list[dict], spec: GraphSpec, targets: tuple[str, ...]
-                 ) -> list[Data]:
-    """Graphs of buffer entries; a target the entry has no label for is NaN (masked)."""
-    graphs = []
+                 ) -> tuple[list[Data], list[tuple[str, str]]]:
+    """Graphs of buffer entries (a target an entry has no label for is NaN, masked in the
+    loss) and the (material_id, reason) of entries that cannot be used."""
+    graphs, skipped = [], []
     for e in entries:
-        g = structure_to_graph(Structure.from_dict(e["structure"]), spec)
         y = [float(e["labels"].get(t, math.nan)) for t in targets]
+        if all(math.isnan(v) for v in y):
+            skipped.append((e["material_id"], f"no label for any of {list(targets)}"))
+            continue
+        try:
+            g = structure_to_graph(Structure.from_dict(e["structure"]), spec)
+        except MatcoupleError as exc:
+            skipped.append((e["material_id"], str(exc)))
+            continue
         graphs.append(Data(z=g["z"], edge_index=g["edge_index"], edge_vec=g["edge_vec"],
                            y=torch.tensor([y], dtype=torch.float32), num_nodes=len(g["z"]),
                            material_id=e["material_id"]))
-    return graphs
+    return graphs, skipped
 
 
 # ---------------------------------------------------------------- evaluation
@@ -263,10 +271,12 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
         raise FineTuneError(f"replay/validation data {replay_path} not found: set "
                             "MATCOUPLE_DATA_DIR to the folder holding the data sets")
     train_entries, held_entries = split_entries(claim.entries, config.holdout_fraction)
-    if not train_entries:
-        raise FineTuneError("no buffer entries to train on")
-    buffer_train = entry_graphs(train_entries, spec, targets)
-    held = entry_graphs(held_entries, spec, targets)
+    buffer_train, skipped = entry_graphs(train_entries, spec, targets)
+    held, skipped_held = entry_graphs(held_entries, spec, targets)
+    skipped += skipped_held
+    if not buffer_train:
+        raise FineTuneError("no usable buffer entries to train on: " + "; ".join(
+            f"{mid}: {why}" for mid, why in skipped))
     replay_seed = _replay_seed(claim, config.seed)
     replay = []
     if config.replay_size > 0:
@@ -328,6 +338,7 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     metrics = {"val": new_metrics["val"], "holdout": new_metrics["holdout"],
                "current": current_metrics, "n_val": len(val), "n_holdout": len(held),
                "n_buffer_train": len(buffer_train), "n_replay": len(replay),
+               "skipped_entries": [{"material_id": m, "reason": r} for m, r in skipped],
                "replay_seed": replay_seed,
                "calibration_scale": {t: calibration[t]["scale"] for t in targets},
                "device": str(device), "timing_s": timing, "cpu_time_s": cpu}
