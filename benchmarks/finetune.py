@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -119,6 +120,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="default Settings.finetune_epochs")
     p.add_argument("--out", type=Path, default=RESULTS / "finetune.json")
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on the way out
     with tempfile.TemporaryDirectory(prefix="matcouple-ft-bench-") as tmp:
         tmp_path = Path(tmp)
         os.environ["MATCOUPLE_MODEL_CACHE"] = str(tmp_path / "models")

@@ -149,7 +149,7 @@ class Settings:
     # the buffer's training part (repeated `finetune_buffer_repeat` times) plus a replay
     # sample of the MP 2018 (MEGNet) train split against forgetting.
     finetune_epochs: int = 3
-    finetune_lr: float = 2e-4
+    finetune_lr: float = 1e-4
     finetune_batch_size: int = 32
     finetune_buffer_repeat: int = 4
     finetune_replay_size: int = 40
@@ -163,9 +163,10 @@ class Settings:
     # Promotion rule (formation energy MAE, ensemble mean): the new version is promoted
     # only if MAE(new) <= MAE(current) * (1 + tol) on the MEGNet val slice with tol =
     # `finetune_val_tolerance`, and MAE(new) <= MAE(current) + `finetune_holdout_tolerance`
-    # on the held-out buffer entries (when there are any); every metric must be finite.
+    # on the held-out buffer entries (when there are any; with two entries that MAE is
+    # noisy, hence 0.02 eV/atom, a sixth of the error bound); every metric must be finite.
     finetune_val_tolerance: float = 0.02
-    finetune_holdout_tolerance: float = 0.0
+    finetune_holdout_tolerance: float = 0.02
 
 
 @lru_cache(maxsize=1)

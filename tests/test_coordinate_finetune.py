@@ -94,6 +94,8 @@ def test_promotion_rule_numbers():
                                {"val": {"formation_energy_per_atom": 0.1}, "holdout": {}},
                                val_tolerance=0.0, holdout_tolerance=0.0)
     assert ok  # equal is "not worse"; no held-out entries: the val slice decides
+    defaults = FineTuneConfig.from_settings()
+    assert (defaults.val_tolerance, defaults.holdout_tolerance) == (0.02, 0.02)
     entries = [{"material_id": f"m{i}", "fidelity": "f"} for i in range(8)]
     train, held = split_entries(entries, 0.25)
     assert len(held) == 2 and len(train) == 6 and split_entries(entries, 0.25)[1] == held
@@ -227,7 +229,7 @@ def test_unusable_entries_are_skipped_and_missing_labels_masked(rocksalt):
     pred = torch.tensor([[0.5, 0.2], [0.1, 0.0]], requires_grad=True)
     mean, std = torch.zeros(2), torch.ones(2)
     y = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
-    assert float(masked_l1(pred, y, mean, std)) == pytest.approx((0.5 + 0.1 + 1.0) / 3)
+    assert float(masked_l1(pred, y, mean, std).detach()) == pytest.approx((0.5 + 0.1 + 1.0) / 3)
     none = masked_l1(pred, torch.full((2, 2), float("nan")), mean, std)
     none.backward()
     assert float(none) == 0.0 and torch.all(pred.grad == 0)

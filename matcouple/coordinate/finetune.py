@@ -18,7 +18,7 @@ promoted iff every metric is finite and
 
 * MAE_new(val slice) <= MAE_current(val slice) * (1 + finetune_val_tolerance) (0.02), and
 * MAE_new(held-out buffer) <= MAE_current(held-out buffer) + finetune_holdout_tolerance
-  (0.0 eV/atom), when the buffer had entries to hold out (4 or more entries).
+  (0.02 eV/atom), when the buffer had entries to hold out (4 or more entries).
 
 Otherwise the version is registered with status ``refused`` and its reason; a fine-tune
 that raises is registered as ``failed`` with the error. In both cases the promoted model
