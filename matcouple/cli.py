@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from matcouple.coordinate.discriminator_cli import discriminator_app
+from matcouple.coordinate.models_cli import models_app
 from matcouple.dft.cli import dft_app
 from matcouple.directive.cli import generate_app, train_app
 from matcouple.errors import MatcoupleError
@@ -35,6 +36,7 @@ app.add_typer(train_app, name="train")
 app.command("predict")(surrogate_cli.predict)
 app.add_typer(dft_app, name="dft")
 app.add_typer(discriminator_app, name="discriminator")
+app.add_typer(models_app, name="models")
 
 console = Console()
 err = Console(stderr=True)
