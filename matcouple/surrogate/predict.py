@@ -111,7 +111,7 @@ class SurrogatePredictor:
         return Data(z=g["z"], edge_index=g["edge_index"], edge_vec=g["edge_vec"],
                     num_nodes=len(g["z"]))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict_graphs(self, graphs: list[Data], batch_size: int = 256
                        ) -> tuple[np.ndarray, np.ndarray]:
         """Mean and calibrated sigma, each (N, targets), in physical units."""
