@@ -154,8 +154,8 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
         model.train()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                    leave=False)
-        running, count = 0.0, 0
-        for batch in bar:
+        running, count = torch.zeros((), device=dev), 0
+        for i, batch in enumerate(bar):
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * _lr_factor(step, total_steps, warmup)
             batch = batch.to(dev, non_blocking=True)
@@ -168,9 +168,11 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             step += 1
-            running += float(loss.detach()) * batch.num_graphs
+            running += loss.detach() * batch.num_graphs  # stays on the device: no sync
             count += batch.num_graphs
-            bar.set_postfix(loss=f"{running / count:.4f}")
+            if progress and i % 50 == 0:
+                bar.set_postfix(loss=f"{float(running) / count:.4f}")
+        running = float(running)
         epoch += 1
         mae = evaluate(model, val_loader, mean_d, std_d, dev)
         score = _score(mae, std, cfg.targets)
