@@ -70,9 +70,10 @@ def main() -> None:
         items.append((str(rec[id_col]) if id_col else str(i), s))
         labels.append([float(rec[t]) for t in targets])
     predictor.predict(items[:64], batch_size=a.batch_size)  # warm-up (kernels, caches)
-    t0 = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    t0, c0 = time.perf_counter(), time.process_time()
     rows = predictor.predict(items, batch_size=a.batch_size, workers=a.workers)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     ok = [i for i, r in enumerate(rows) if not r.error]
     y = np.array(labels)[ok]
     pred = np.array([[rows[i].values[t] for t in targets] for i in ok])
@@ -82,7 +83,8 @@ def main() -> None:
         "model_version": predictor.version, "uncertainty_mode": predictor.mode,
         "device": str(predictor.device), "cpu_count": os.cpu_count(),
         "graph_workers": a.workers, "seconds": seconds,
-        "structures_per_s": len(items) / seconds, "targets": {},
+        "structures_per_s": len(items) / seconds, "cpu_seconds": cpu_seconds,
+        "load_avg_1min": [load_before, os.getloadavg()[0]], "targets": {},
     }
     if predictor.device.type == "cuda":
         import torch
@@ -99,7 +101,8 @@ def main() -> None:
               f"  NLL {m['nll']:.3f}")
     print(f"throughput: {result['structures_per_s']:.1f} structures/s end to end "
           f"({len(items)} structures, {predictor.mode}, {result['device']}, "
-          f"{a.workers} graph worker(s))")
+          f"{a.workers} graph worker(s); {cpu_seconds:.1f} CPU-s of this process; "
+          f"1-min load {load_before:.2f} -> {os.getloadavg()[0]:.2f})")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
     try:

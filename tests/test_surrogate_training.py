@@ -86,3 +86,21 @@ def test_transfer_learning_to_a_new_target(tmp_path):
     tl = train(cfg, tmp_path / "tl.pt", init_from=tmp_path / "base.pt", progress=False,
                workers=1)
     assert tl["epoch"] == 1 and tl["model_config"]["targets"] == ["heat_ref"]
+
+
+def test_graph_cache_round_trip_is_exact(tmp_path, monkeypatch):
+    from matcouple.surrogate import data
+
+    targets = ("formation_energy_per_atom", "band_gap")
+    kw = dict(split_column="ci_split", split="val", limit=20, workers=1, progress=False)
+    fresh = load_graphs(CI, targets, **kw)
+    built = load_graphs(CI, targets, cache_dir=tmp_path, **kw)
+    monkeypatch.setattr(data, "_MEMO", {})  # force a read of the file written above
+    cached = load_graphs(CI, targets, cache_dir=tmp_path, **kw)
+    assert len(list(tmp_path.glob("graphs-v2-*.pt"))) == 1
+    assert cached is not built and len(cached.graphs) == len(fresh.graphs) == 20
+    for a, b in zip(fresh.graphs, cached.graphs, strict=True):
+        assert a.material_id == b.material_id and a.num_nodes == b.num_nodes
+        for key in ("z", "edge_index", "edge_vec", "y"):
+            assert torch.equal(a[key], b[key]), key
+    assert load_graphs(CI, targets, cache_dir=tmp_path, **kw) is cached  # in-process memo

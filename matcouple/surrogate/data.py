@@ -54,6 +54,39 @@ def _to_data(row: dict) -> Data:
                 num_nodes=len(row["z"]), material_id=row["id"])
 
 
+def _pack(graphs: list[Data]) -> dict:
+    """Graphs -> a few concatenated tensors: loads ~5x faster than a pickled list of Data
+    objects and with ``weights_only=True``."""
+    if not graphs:
+        return {"ids": []}
+    return {
+        "z": torch.cat([g.z for g in graphs]),
+        "edge_index": torch.cat([g.edge_index for g in graphs], dim=1),
+        "edge_vec": torch.cat([g.edge_vec for g in graphs]),
+        "y": torch.cat([g.y for g in graphs]),
+        "n_nodes": torch.tensor([g.num_nodes for g in graphs], dtype=torch.long),
+        "n_edges": torch.tensor([g.edge_index.shape[1] for g in graphs], dtype=torch.long),
+        "ids": [str(g.material_id) for g in graphs],
+    }
+
+
+def _unpack(blob: dict) -> list[Data]:
+    if not blob["ids"]:
+        return []
+    n_edges = blob["n_edges"].tolist()
+    zs = torch.split(blob["z"], blob["n_nodes"].tolist())
+    edges = torch.split(blob["edge_index"], n_edges, dim=1)
+    vecs = torch.split(blob["edge_vec"], n_edges)
+    return [Data(z=z, edge_index=e, edge_vec=v, y=blob["y"][i:i + 1], num_nodes=len(z),
+                 material_id=m)
+            for i, (z, e, v, m) in enumerate(zip(zs, edges, vecs, blob["ids"], strict=True))]
+
+
+# Graph sets already loaded in this process (studies train several models on one set).
+_MEMO: dict[Path, GraphSet] = {}
+_MEMO_SIZE = 4
+
+
 def _float(value) -> float | None:
     try:
         return float(value)
@@ -94,10 +127,13 @@ def load_graphs(
         extra = ((sample, seed) if sample else ()) + ((max_atoms,) if max_atoms else ())
         key = hashlib.sha256(repr((table_hash(path), targets, split_column, split,
                                    asdict(spec), limit, *extra)).encode()).hexdigest()[:16]
-        cache = Path(cache_dir) / f"graphs-{key}.pt"
+        cache = Path(cache_dir) / f"graphs-v2-{key}.pt"
+        if cache in _MEMO:
+            return _MEMO[cache]
         if cache.exists():
-            blob = torch.load(cache, weights_only=False)
-            return GraphSet(blob["graphs"], blob["skipped"])
+            blob = torch.load(cache, weights_only=True)
+            return _remember(cache, GraphSet(_unpack(blob), [tuple(x) for x in
+                                                             blob["skipped"]]))
     frame = read_table(path)
     missing = [t for t in targets if t not in frame.columns]
     if missing:
@@ -143,5 +179,15 @@ def load_graphs(
     skipped = [r for r in results if not isinstance(r, dict)]
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"graphs": graphs, "skipped": skipped}, cache)
+        tmp = cache.with_suffix(".tmp")
+        torch.save({**_pack(graphs), "skipped": [list(x) for x in skipped]}, tmp)
+        tmp.replace(cache)
+        _remember(cache, GraphSet(graphs, skipped))
     return GraphSet(graphs, skipped)
+
+
+def _remember(cache: Path, graph_set: GraphSet) -> GraphSet:
+    if len(_MEMO) >= _MEMO_SIZE:
+        _MEMO.pop(next(iter(_MEMO)))
+    _MEMO[cache] = graph_set
+    return graph_set

@@ -108,6 +108,8 @@ class ScalarDropout(nn.Module):
         self.drop = nn.Dropout(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop.p == 0.0:
+            return x  # identity: skip the copy (inference speed)
         return torch.cat([self.drop(x[:, :self.n_scalar]), x[:, self.n_scalar:]], dim=-1)
 
 

@@ -227,7 +227,7 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
             torch.manual_seed(ctx.seed(cfg.seed, epoch))
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                    leave=False)
-        running, count, epoch_start = 0.0, 0, time.monotonic()
+        running, count, epoch_start = torch.zeros((), device=dev), 0, time.monotonic()
         for i, batch in enumerate(bar):
             for g in opt.param_groups:
                 g["lr"] = lr * _lr_factor(step, total_steps, warmup)
@@ -242,11 +242,13 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             step += 1
-            if sampler.local_size(i):
-                running += float(err.detach().sum()) / err.shape[1]
+            if sampler.local_size(i):  # the running loss stays on the device: no sync
+                running += err.detach().sum() / err.shape[1]
                 count += batch.num_graphs
-            bar.set_postfix(loss=f"{running / max(count, 1):.4f}")
-        running, count = ctx.sum(torch.tensor([running, count], dtype=torch.float64)).tolist()
+            if progress and i % 50 == 0:
+                bar.set_postfix(loss=f"{float(running) / max(count, 1):.4f}")
+        running, count = ctx.sum(torch.tensor([float(running), count],
+                                              dtype=torch.float64)).tolist()
         epoch_s = time.monotonic() - epoch_start
         train_loss = running / max(count, 1)
         epoch += 1
