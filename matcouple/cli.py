@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from matcouple.coordinate.cli import design_app, report_app
 from matcouple.dft.cli import dft_app
 from matcouple.directive.cli import generate_app, train_app
 from matcouple.errors import MatcoupleError
@@ -33,6 +34,8 @@ train_app.command("surrogate")(surrogate_cli.train_surrogate)
 app.add_typer(train_app, name="train")
 app.command("predict")(surrogate_cli.predict)
 app.add_typer(dft_app, name="dft")
+app.add_typer(design_app, name="design")
+app.add_typer(report_app, name="report")
 
 console = Console()
 err = Console(stderr=True)

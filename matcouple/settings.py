@@ -112,6 +112,31 @@ class Settings:
     # (0: no limit); set it a little under the queue walltime.
     dft_walltime_s: float = field(default_factory=lambda: float(
         os.environ.get("MATCOUPLE_DFT_WALLTIME_S", "0")))
+    # --- coordinate: design run ---
+    # Collections of a design run: one document per run, one per candidate decision.
+    design_runs_collection: str = "design_runs"
+    design_candidates_collection: str = "design_candidates"
+    # Candidates sampled per iteration (one generate Firework each), the iteration cap, the
+    # DFT budget of a run, and the reverse-diffusion steps (0: Settings.generation_steps).
+    design_batch_size: int = 16
+    design_max_iterations: int = 50
+    design_max_dft: int = 20
+    design_steps: int = 0
+    # Formula units tried per cell (empty: every Z that fits the generator).
+    design_formula_units: tuple[int, ...] = ()
+    # `_category` of the model Fireworks (generate, predict/decide, file result).
+    design_category: str = "ai"
+    # Priority of design Fireworks; DFT results are filed before more is generated.
+    design_file_priority: int = 5
+    # Where `matcouple report` writes JSON and plots (relative to the checkout).
+    design_reports_dir: str = "launchpad/design"
+    # Optional LLM planner: any OpenAI-compatible chat-completions endpoint.
+    llm_url: str = field(default_factory=lambda: os.environ.get("MATCOUPLE_LLM_URL", ""))
+    llm_model: str = field(default_factory=lambda: os.environ.get("MATCOUPLE_LLM_MODEL", ""))
+    llm_api_key: str = field(default_factory=lambda: os.environ.get("MATCOUPLE_LLM_API_KEY",
+                                                                    ""))
+    llm_timeout_s: float = 60.0
+    llm_max_turns: int = 40
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,1 @@
+"""Coordinate pattern: decision policy, fine-tune buffer, planner and its tools."""
