@@ -112,6 +112,55 @@ class Settings:
     # (0: no limit); set it a little under the queue walltime.
     dft_walltime_s: float = field(default_factory=lambda: float(
         os.environ.get("MATCOUPLE_DFT_WALLTIME_S", "0")))
+    # --- coordinate: policy/buffer/registry ---
+    # Decision policy: a prediction is accepted when its calibrated sigma keeps the central
+    # `design_confidence` Gaussian interval within +-`design_error_bound` (eV/atom):
+    # tau = bound / z, 0.12 / 1.645 = 0.073 eV/atom. Generated structures may also need a
+    # match-discriminator probability of at least `design_p_match_min`.
+    design_error_bound: float = 0.12
+    design_confidence: float = 0.90
+    design_p_match_min: float = 0.5
+    # Fine-tuning buffer: DFT results waiting to fine-tune the surrogate, one document per
+    # (material_id, fidelity). A fine-tune is due at `finetune_buffer_size` pending results,
+    # or when the oldest has waited `finetune_max_age_h` and at least
+    # `finetune_min_count_for_age` are pending.
+    finetune_buffer_collection: str = "finetune_buffer"
+    finetune_buffer_size: int = 8
+    finetune_max_age_h: float = 24.0
+    finetune_min_count_for_age: int = 2
+    # The single lock document that allows one queued-or-running fine-tune at a time. A
+    # queued Firework's reservation lapses after `finetune_queue_ttl_s`, a running claim
+    # after `finetune_claim_ttl_s` (a killed fine-tune never locks forever); after a failed
+    # fine-tune no new one is queued for `finetune_retry_after_s`.
+    finetune_lock_collection: str = "finetune_lock"
+    finetune_queue_ttl_s: float = 6 * 3600.0
+    finetune_claim_ttl_s: float = 2 * 3600.0
+    finetune_retry_after_s: float = 3600.0
+    finetune_category: str = "ai"
+    # Model registry: files in a GridFS bucket, one document per version, and a local
+    # cache of downloaded versions.
+    model_registry_bucket: str = "model_files"
+    model_versions_collection: str = "model_versions"
+    model_cache_dir: Path = field(default_factory=lambda: _path_from_env(
+        "MATCOUPLE_MODEL_CACHE", Path.home() / ".cache" / "matcouple" / "models"))
+    # The fine-tune: every ensemble member continues from its weights for a few epochs on
+    # the buffer's training part (repeated `finetune_buffer_repeat` times) plus a replay
+    # sample of the MP 2018 (MEGNet) train split against forgetting.
+    finetune_epochs: int = 3
+    finetune_lr: float = 2e-4
+    finetune_batch_size: int = 32
+    finetune_buffer_repeat: int = 4
+    finetune_replay_size: int = 40
+    # Validation: a fixed slice (first rows) of the MEGNet val split, plus the held-out
+    # share of the buffer (at least one entry once the buffer has 4 or more).
+    finetune_val_size: int = 128
+    finetune_holdout_fraction: float = 0.25
+    # Promotion rule (formation energy MAE, ensemble mean): the new version is promoted
+    # only if MAE(new) <= MAE(current) * (1 + tol) on the MEGNet val slice with tol =
+    # `finetune_val_tolerance`, and MAE(new) <= MAE(current) + `finetune_holdout_tolerance`
+    # on the held-out buffer entries (when there are any); every metric must be finite.
+    finetune_val_tolerance: float = 0.02
+    finetune_holdout_tolerance: float = 0.0
     # --- coordinate: design run ---
     # Collections of a design run: one document per run, one per candidate decision.
     design_runs_collection: str = "design_runs"

@@ -1,0 +1,84 @@
+"""The decision policy: accept an AI prediction or spend a DFT calculation on it.
+
+The threshold tau is derived the way the paper does: a prediction is good enough when the
+true value lies within an acceptable error bound (0.12 eV/atom) with a given confidence
+(90%). With a calibrated Gaussian sigma that holds while z * sigma <= bound, where z is the
+two-sided quantile of the confidence level (1.645 for 90%), so tau = bound / z.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+from matcouple.errors import MatcoupleError
+from matcouple.settings import get_settings
+
+ACCEPT = "accept"
+DFT = "dft"
+
+
+class PolicyError(MatcoupleError, ValueError):
+    """A threshold of the decision policy is out of range."""
+
+
+def default_tau(error_bound: float | None = None, confidence: float | None = None) -> float:
+    """Largest calibrated sigma (eV/atom) whose central `confidence` interval stays within
+    +-error_bound (defaults from settings: 0.12 eV/atom, 0.90 -> 0.12/1.645)."""
+    settings = get_settings()
+    bound = settings.design_error_bound if error_bound is None else float(error_bound)
+    level = settings.design_confidence if confidence is None else float(confidence)
+    if not (math.isfinite(bound) and bound > 0):
+        raise PolicyError(f"error bound must be a positive number of eV/atom, got {bound}")
+    if not (0 < level < 1):
+        raise PolicyError(f"confidence must lie strictly between 0 and 1, got {level}")
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    return bound / z
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one prediction, and why (the reason is stored with the result)."""
+
+    action: str            # "accept" (AI result used) or "dft" (append a DFT relaxation)
+    reason: str            # human-readable, e.g. "sigma 0.041 <= tau 0.073"
+    sigma: float | None
+    tau: float
+    p_match: float | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.action == ACCEPT
+
+
+def _usable(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def decide(sigma: float | None, tau: float, p_match: float | None = None,
+           p_match_min: float | None = None) -> Decision:
+    """Accept when sigma <= tau (and, for a generated structure with a match probability,
+    p_match >= p_match_min, default ``Settings.design_p_match_min``); otherwise DFT.
+
+    A missing or NaN sigma, or a NaN p_match, means the model cannot vouch for the
+    prediction, so the answer is DFT with a reason that says so.
+    """
+    if not (_usable(tau) and tau > 0):
+        raise PolicyError(f"tau must be a positive number of eV/atom, got {tau}")
+    sigma = None if sigma is None else float(sigma)
+    p_match = None if p_match is None else float(p_match)
+    if not _usable(sigma) or sigma < 0:
+        return Decision(DFT, f"no usable uncertainty (sigma={sigma}): DFT", sigma, tau,
+                        p_match)
+    if p_match is not None:
+        threshold = get_settings().design_p_match_min if p_match_min is None else p_match_min
+        if not _usable(p_match):
+            return Decision(DFT, f"no usable match probability (p_match={p_match}): DFT",
+                            sigma, tau, p_match)
+        if p_match < threshold:
+            return Decision(DFT, f"p_match {p_match:.3f} < {threshold:.3f}: structure not "
+                            "trusted", sigma, tau, p_match)
+    if sigma <= tau:
+        return Decision(ACCEPT, f"sigma {sigma:.3f} <= tau {tau:.3f}", sigma, tau, p_match)
+    return Decision(DFT, f"sigma {sigma:.3f} > tau {tau:.3f}", sigma, tau, p_match)

@@ -1,0 +1,47 @@
+"""The decision policy: tau from the error bound and confidence, and accept/DFT decisions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from matcouple.coordinate.policy import ACCEPT, DFT, PolicyError, decide, default_tau
+
+
+def test_default_tau_is_bound_over_two_sided_z():
+    assert default_tau() == pytest.approx(0.12 / 1.6448536, rel=1e-6)
+    assert default_tau() == pytest.approx(0.07295, abs=1e-5)
+    assert default_tau(0.1, 0.95) == pytest.approx(0.1 / 1.959964, rel=1e-6)
+    assert default_tau(confidence=0.6827) == pytest.approx(0.12, rel=1e-3)  # one sigma
+
+
+@pytest.mark.parametrize("bound, conf", [(0, 0.9), (-0.1, 0.9), (float("nan"), 0.9),
+                                         (0.12, 0.0), (0.12, 1.0), (0.12, 1.5)])
+def test_bad_thresholds_are_refused(bound, conf):
+    with pytest.raises(PolicyError):
+        default_tau(bound, conf)
+
+
+def test_decisions_and_reasons():
+    tau = default_tau()
+    d = decide(0.041, tau)
+    assert d.action == ACCEPT and d.accepted and d.reason == "sigma 0.041 <= tau 0.073"
+    assert decide(tau, tau).action == ACCEPT  # the boundary is accepted
+    d = decide(0.2, tau)
+    assert d.action == DFT and d.reason == "sigma 0.200 > tau 0.073" and d.tau == tau
+    for missing in (None, float("nan"), math.inf, -0.01):
+        d = decide(missing, tau)
+        assert d.action == DFT and "no usable uncertainty" in d.reason
+    with pytest.raises(PolicyError):
+        decide(0.01, 0.0)
+
+
+def test_match_probability_gate():
+    tau = default_tau()
+    assert decide(0.01, tau, p_match=0.9).action == ACCEPT
+    d = decide(0.01, tau, p_match=0.3)  # settings default threshold 0.5
+    assert d.action == DFT and d.p_match == 0.3 and "p_match 0.300 < 0.500" in d.reason
+    assert decide(0.01, tau, p_match=0.3, p_match_min=0.2).action == ACCEPT
+    assert decide(0.01, tau, p_match=float("nan")).action == DFT
+    assert decide(0.5, tau, p_match=0.99).action == DFT  # sigma still decides
