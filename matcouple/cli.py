@@ -245,14 +245,21 @@ def screen_results(
 # ---------------------------------------------------------------- demo
 @app.command("demo")
 def demo(
-    n: int = typer.Option(512, help="Structures to screen."),
+    max_iterations: int = typer.Option(3, help="Design iterations."),
+    max_dft: int = typer.Option(1, help="DFT calculations at most."),
+    workers: int = typer.Option(2, help="Local rlaunch workers."),
+    screening: bool = typer.Option(False, help="Run the earlier screening demo instead."),
     launchpad: Path | None = LAUNCHPAD_OPTION,
 ) -> None:
-    """End to end on the embedded database: load data, screen through the LaunchPad."""
-    from matcouple.demo import run_demo
+    """The main job on the embedded database: load data, design Fe2O3 (paper section 4.3)."""
+    from matcouple.demo import run_demo, run_screening_demo
 
     try:
-        run_demo(n=n, launchpad=launchpad, console=console)
+        if screening:
+            run_screening_demo(launchpad=launchpad, console=console)
+        else:
+            run_demo(max_iterations=max_iterations, max_dft=max_dft, workers=workers,
+                     launchpad=launchpad, console=console)
     except MatcoupleError as exc:
         _fail(exc)
 
