@@ -55,10 +55,9 @@ def _units(text: str | None) -> list[int]:
 
 
 def _database(launchpad: Path | None):
+    from matcouple.errors import DatabaseUnavailableError
     from matcouple.settings import get_settings
     from matcouple.store.connection import LaunchpadConfig, embedded_server, open_launchpad
-
-    from matcouple.errors import DatabaseUnavailableError
 
     config = LaunchpadConfig.load(launchpad)
     try:

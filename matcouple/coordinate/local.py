@@ -39,7 +39,7 @@ def worker_file(workdir: Path, run: str, name: str = "matcouple-design") -> Path
 def start_worker(launchpad_file: Path, workdir: Path, run: str, *, index: int = 0,
                  sleep_s: int = 2) -> subprocess.Popen:
     """One `rlaunch rapidfire` process for the run (its output in ``worker<index>.log``)."""
-    workdir = workdir / f"worker{index}"
+    workdir = (Path(workdir) / f"worker{index}").resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     fworker = worker_file(workdir, run)
     env = {**os.environ, "MATCOUPLE_LAUNCHPAD": str(launchpad_file)}
