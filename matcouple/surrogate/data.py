@@ -81,13 +81,17 @@ def load_graphs(
     workers: int | None = None,
     cache_dir: Path | None = None,
     progress: bool = True,
+    sample: int | None = None,
+    seed: int = 0,
 ) -> GraphSet:
-    """Graphs of the rows of ``path`` (optionally one split), with labels ``targets``."""
+    """Graphs of the rows of ``path`` (optionally one split), with labels ``targets``;
+    ``limit`` keeps the first rows, ``sample`` a random draw of that many (``seed``)."""
     spec = spec or GraphSpec()
     cache = None
     if cache_dir is not None:
+        extra = (sample, seed) if sample else ()
         key = hashlib.sha256(repr((table_hash(path), targets, split_column, split,
-                                   asdict(spec), limit)).encode()).hexdigest()[:16]
+                                   asdict(spec), limit, *extra)).encode()).hexdigest()[:16]
         cache = Path(cache_dir) / f"graphs-{key}.pt"
         if cache.exists():
             blob = torch.load(cache, weights_only=False)
@@ -102,6 +106,8 @@ def load_graphs(
         frame = frame[frame[split_column] == split]
     if limit:
         frame = frame.iloc[:limit]
+    if sample and sample < len(frame):
+        frame = frame.sample(n=sample, random_state=seed)
     id_col = next((c for c in ID_COLUMNS if c in frame.columns), None)
     text_col = "cif" if "cif" in frame.columns else "poscar"
     if text_col not in frame.columns:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -73,16 +74,58 @@ def _atomic_save(obj: dict, path: Path) -> None:
 @torch.no_grad()
 def evaluate(model: Crysformer, loader: DataLoader, mean: torch.Tensor, std: torch.Tensor,
              device: torch.device) -> dict[str, float]:
-    """MAE per target in physical units (dropout off)."""
+    """MAE per target in physical units (dropout off); NaN labels (a target a structure
+    has no value for, e.g. a DFT result without a band gap) are left out."""
     model.eval()
     err = torch.zeros(len(model.cfg.targets), device=device)
-    n = 0
+    n = torch.zeros(len(model.cfg.targets), device=device)
     for batch in loader:
         batch = batch.to(device)
         pred = model(batch.z, batch.edge_index, batch.edge_vec, batch.batch, batch.num_graphs)
-        err += ((pred * std + mean) - batch.y).abs().sum(0)
-        n += batch.num_graphs
-    return {t: float(e / max(n, 1)) for t, e in zip(model.cfg.targets, err, strict=True)}
+        known = ~torch.isnan(batch.y)
+        err += torch.where(known, (pred * std + mean) - batch.y, 0.0).abs().sum(0)
+        n += known.sum(0)
+    return {t: float(e / c) if c > 0 else float("nan")
+            for t, e, c in zip(model.cfg.targets, err, n, strict=True)}
+
+
+def masked_l1(pred: torch.Tensor, y: torch.Tensor, mean: torch.Tensor,
+              std: torch.Tensor) -> torch.Tensor:
+    """L1 loss on normalised targets over the labels that are present (not NaN)."""
+    target = (y - mean) / std
+    known = ~torch.isnan(target)
+    return (pred.float() - target)[known].abs().mean()
+
+
+def train_epoch(model: Crysformer, loader: DataLoader, opt: torch.optim.Optimizer, *,
+                mean: torch.Tensor, std: torch.Tensor, device: torch.device,
+                lr_at: Callable[[int], float], step: int = 0, use_amp: bool = False,
+                progress: bool = True, desc: str = "epoch") -> tuple[float, int, int]:
+    """One pass over ``loader``: returns (mean training loss, graphs seen, next step).
+
+    ``lr_at(step)`` sets the learning rate of every step (warm-up/cosine in training,
+    the fine-tune's own schedule when continuing from a shipped model).
+    """
+    model.train()
+    bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
+    running, count = 0.0, 0
+    for batch in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        batch = batch.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            pred = model(batch.z, batch.edge_index, batch.edge_vec, batch.batch,
+                         batch.num_graphs)
+        loss = masked_l1(pred, batch.y, mean, std)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        step += 1
+        running += float(loss.detach()) * batch.num_graphs
+        count += batch.num_graphs
+        bar.set_postfix(loss=f"{running / count:.4f}")
+    return running / max(count, 1), count, step
 
 
 def _score(mae: dict[str, float], std: torch.Tensor, targets) -> float:
@@ -151,34 +194,18 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
     stopped_early = False
     last_epoch = cfg.epochs if chunk_epochs is None else min(cfg.epochs, epoch + chunk_epochs)
     while epoch < last_epoch:
-        model.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                   leave=False)
-        running, count = 0.0, 0
-        for batch in bar:
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * _lr_factor(step, total_steps, warmup)
-            batch = batch.to(dev, non_blocking=True)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                pred = model(batch.z, batch.edge_index, batch.edge_vec, batch.batch,
-                             batch.num_graphs)
-            loss = (pred.float() - (batch.y - mean_d) / std_d).abs().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
-            step += 1
-            running += float(loss.detach()) * batch.num_graphs
-            count += batch.num_graphs
-            bar.set_postfix(loss=f"{running / count:.4f}")
+        train_loss, _, step = train_epoch(
+            model, loader, opt, mean=mean_d, std=std_d, device=dev, step=step,
+            lr_at=lambda k: cfg.lr * _lr_factor(k, total_steps, warmup), use_amp=use_amp,
+            progress=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}")
         epoch += 1
         mae = evaluate(model, val_loader, mean_d, std_d, dev)
         score = _score(mae, std, cfg.targets)
-        history.append({"epoch": epoch, "train_loss": running / max(count, 1),
+        history.append({"epoch": epoch, "train_loss": train_loss,
                         "elapsed_s": time.monotonic() - start_time,
                         **{f"val_mae_{t}": v for t, v in mae.items()}})
         if progress:
-            print(f"epoch {epoch}: train L1 {running / max(count, 1):.4f}  val MAE " +
+            print(f"epoch {epoch}: train L1 {train_loss:.4f}  val MAE " +
                   "  ".join(f"{t} {v:.4f}" for t, v in mae.items()), flush=True)
         if score < best_score:
             best_score = score

@@ -1,0 +1,379 @@
+"""Fine-tune the surrogate on the buffer's DFT results and promote it only if not worse.
+
+Every ensemble member of the current model (the promoted registry version, else the
+shipped one) continues training from its own weights for a few epochs on the claimed
+buffer entries (repeated, so eight results are not drowned) mixed with a random replay
+sample of the MP 2018 (MEGNet) train split, which keeps the model from forgetting what it
+knew. The member's target normalisation is kept, so the new files are drop-in
+replacements.
+
+Validation data: a fixed slice (the first ``val_size`` rows) of the MEGNet val split plus
+a held-out share of the buffer (chosen by a hash of each entry, so it is stable). On
+them the new ensemble's sigma is recalibrated (``surrogate.uncertainty``) and both the
+current and the new model are scored.
+
+Promotion rule (``promotion_decision``; tolerances in ``Settings.finetune_*``): with MAE
+the formation-energy mean absolute error of the ensemble mean, the new version is
+promoted iff every metric is finite and
+
+* MAE_new(val slice) <= MAE_current(val slice) * (1 + finetune_val_tolerance) (0.02), and
+* MAE_new(held-out buffer) <= MAE_current(held-out buffer) + finetune_holdout_tolerance
+  (0.0 eV/atom), when the buffer had entries to hold out (4 or more entries).
+
+Otherwise the version is registered with status ``refused`` and its reason; a fine-tune
+that raises is registered as ``failed`` with the error. In both cases the promoted model
+stays what it was.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pymatgen.core import Structure
+from pymongo.database import Database
+from torch_geometric.data import Batch, Data
+from torch_geometric.loader import DataLoader
+from tqdm import tqdm
+
+from matcouple.coordinate.buffer import FineTuneBuffer, FineTuneClaim
+from matcouple.errors import MatcoupleError
+from matcouple.settings import get_settings
+from matcouple.store.registry import REFUSED, ModelRegistry
+from matcouple.surrogate.data import load_graphs
+from matcouple.surrogate.graph import GraphSpec, structure_to_graph
+from matcouple.surrogate.predict import NON_NEGATIVE, load_model
+from matcouple.surrogate.train import _atomic_save, _lr_factor, train_epoch
+from matcouple.surrogate.uncertainty import combine, cross_fitted_calibration
+
+log = logging.getLogger(__name__)
+PROMOTION_TARGET = "formation_energy_per_atom"
+
+
+class FineTuneError(MatcoupleError):
+    """A fine-tune cannot run (no usable entries, data set missing); names why."""
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """Hyper-parameters of one fine-tune (defaults: ``Settings.finetune_*``)."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    buffer_repeat: int
+    replay_size: int
+    val_size: int
+    holdout_fraction: float
+    val_tolerance: float
+    holdout_tolerance: float
+    replay_data: str
+    seed: int = 0
+    device: str | None = None
+    progress: bool = False
+
+    @classmethod
+    def from_settings(cls, **overrides: Any) -> FineTuneConfig:
+        s = get_settings()
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise FineTuneError(f"unknown fine-tune option(s) {sorted(unknown)}")
+        base = cls(epochs=s.finetune_epochs, lr=s.finetune_lr,
+                   batch_size=s.finetune_batch_size, buffer_repeat=s.finetune_buffer_repeat,
+                   replay_size=s.finetune_replay_size, val_size=s.finetune_val_size,
+                   holdout_fraction=s.finetune_holdout_fraction,
+                   val_tolerance=s.finetune_val_tolerance,
+                   holdout_tolerance=s.finetune_holdout_tolerance,
+                   replay_data=str(s.data_dir / s.datasets["mp2018"]))
+        return replace(base, **overrides)
+
+
+@dataclass
+class FineTuneOutcome:
+    """What one fine-tune did: ``promoted``, ``refused``, ``failed`` or ``skipped``."""
+
+    status: str
+    reason: str
+    version: str | None = None
+    parent: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    n_entries: int = 0
+    elapsed_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- data
+def _holdout(entry: dict[str, Any]) -> float:
+    """A stable pseudo-random number in [0, 1) per entry: which ones are held out."""
+    key = f"{entry['fidelity']}|{entry['material_id']}".encode()
+    return int(hashlib.sha256(key).hexdigest()[:8], 16) / 16**8
+
+
+def split_entries(entries: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    """(train, held out): ``fraction`` of them (at least one) once there are 4 or more."""
+    if len(entries) < 4 or fraction <= 0:
+        return list(entries), []
+    n_hold = max(1, int(round(fraction * len(entries))))
+    order = sorted(entries, key=_holdout)
+    held = order[:n_hold]
+    held_ids = {id(e) for e in held}
+    return [e for e in entries if id(e) not in held_ids], held
+
+
+def entry_graphs(entries: list[dict], spec: GraphSpec, targets: tuple[str, ...]
+                 ) -> list[Data]:
+    """Graphs of buffer entries; a target the entry has no label for is NaN (masked)."""
+    graphs = []
+    for e in entries:
+        g = structure_to_graph(Structure.from_dict(e["structure"]), spec)
+        y = [float(e["labels"].get(t, math.nan)) for t in targets]
+        graphs.append(Data(z=g["z"], edge_index=g["edge_index"], edge_vec=g["edge_vec"],
+                           y=torch.tensor([y], dtype=torch.float32), num_nodes=len(g["z"]),
+                           material_id=e["material_id"]))
+    return graphs
+
+
+# ---------------------------------------------------------------- evaluation
+@torch.no_grad()
+def member_predictions(models: list, blobs: list[dict], graphs: list[Data],
+                       device: torch.device, batch_size: int = 128) -> np.ndarray:
+    """Predictions of each member in physical units, dropout off: (M, N, T)."""
+    out = []
+    for model, blob in zip(models, blobs, strict=True):
+        model.eval()
+        mean, std = blob["norm_mean"].to(device), blob["norm_std"].to(device)
+        parts = []
+        for start in range(0, len(graphs), batch_size):
+            batch = Batch.from_data_list(graphs[start:start + batch_size]).to(device)
+            pred = model(batch.z, batch.edge_index, batch.edge_vec, batch.batch,
+                         batch.num_graphs)
+            parts.append((pred * std + mean).cpu())
+        out.append(torch.cat(parts).numpy())
+    return np.stack(out)
+
+
+def _ensemble(preds: np.ndarray, targets: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    mean, sigma = combine(preds, np.zeros_like(preds))
+    for j, t in enumerate(targets):
+        if t in NON_NEGATIVE:
+            mean[:, j] = np.maximum(mean[:, j], 0.0)
+    return mean, sigma
+
+
+def _mae(pred: np.ndarray, truth: np.ndarray, targets: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for j, t in enumerate(targets):
+        known = ~np.isnan(truth[:, j])
+        out[t] = float(np.abs(pred[known, j] - truth[known, j]).mean()) if known.any() \
+            else float("nan")
+    return out
+
+
+def score(preds: np.ndarray, truth: np.ndarray, n_val: int, targets: tuple[str, ...]
+          ) -> dict[str, dict[str, float]]:
+    """MAE of the ensemble mean on the val slice (first ``n_val`` rows) and the rest."""
+    mean, _ = _ensemble(preds, targets)
+    metrics = {"val": _mae(mean[:n_val], truth[:n_val], targets)}
+    metrics["holdout"] = _mae(mean[n_val:], truth[n_val:], targets) if len(truth) > n_val \
+        else {}
+    return metrics
+
+
+def promotion_decision(current: dict, new: dict, *, val_tolerance: float,
+                       holdout_tolerance: float, target: str = PROMOTION_TARGET
+                       ) -> tuple[bool, str]:
+    """The promotion rule of the module docstring: (promote?, reason)."""
+    old_val, new_val = current["val"][target], new["val"][target]
+    if not (math.isfinite(new_val) and math.isfinite(old_val)):
+        return False, f"val MAE not finite (new {new_val}, current {old_val})"
+    limit = old_val * (1 + val_tolerance)
+    if new_val > limit:
+        return False, (f"val MAE {new_val:.4f} > current {old_val:.4f} x (1 + "
+                       f"{val_tolerance:g}) = {limit:.4f} eV/atom")
+    reason = f"val MAE {new_val:.4f} <= {limit:.4f}"
+    new_h, old_h = new.get("holdout", {}).get(target), current.get("holdout", {}).get(target)
+    if new_h is not None and old_h is not None and not math.isnan(old_h):
+        if not math.isfinite(new_h):
+            return False, f"held-out buffer MAE not finite ({new_h})"
+        if new_h > old_h + holdout_tolerance:
+            return False, (f"held-out buffer MAE {new_h:.4f} > current {old_h:.4f} + "
+                           f"{holdout_tolerance:g} eV/atom")
+        reason += f"; held-out buffer MAE {new_h:.4f} <= {old_h + holdout_tolerance:.4f}"
+    return True, reason
+
+
+# ---------------------------------------------------------------- the fine-tune
+def _base_model(registry: ModelRegistry) -> tuple[Path, dict, str]:
+    """(model dir, card, parent name) of the model the fine-tune starts from."""
+    current = registry.current()
+    folder = registry.model_dir() if current else get_settings().surrogate_model_dir
+    card_path = Path(folder) / "model_card.json"
+    if not card_path.exists():
+        raise FineTuneError(f"no model card in {folder}: nothing to fine-tune from")
+    card = json.loads(card_path.read_text())
+    parent = current["version"] if current else f"shipped:{card.get('version', 'unknown')}"
+    return Path(folder), card, parent
+
+
+def _replay_seed(claim: FineTuneClaim, seed: int) -> int:
+    return seed + int(claim.claim_id[:6], 16) % 100_000
+
+
+def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None = None, *,
+             buffer: FineTuneBuffer | None = None) -> FineTuneOutcome:
+    """Fine-tune the current model on ``claim``'s entries, register the result and promote
+    it if the promotion rule allows. Raises on failure (the caller records it)."""
+    start = time.monotonic()
+    config = config or FineTuneConfig.from_settings()
+    settings = get_settings()
+    registry = ModelRegistry(db)
+    base_dir, card, parent = _base_model(registry)
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    members = [load_model(base_dir / m, device) for m in card["members"]]
+    models, blobs = [m for m, _ in members], [b for _, b in members]
+    targets = tuple(blobs[0]["model_config"]["targets"])
+    spec = GraphSpec(**blobs[0]["graph_spec"])
+    replay_path = Path(config.replay_data)
+    if not replay_path.exists():
+        raise FineTuneError(f"replay/validation data {replay_path} not found: set "
+                            "MATCOUPLE_DATA_DIR to the folder holding the data sets")
+    train_entries, held_entries = split_entries(claim.entries, config.holdout_fraction)
+    if not train_entries:
+        raise FineTuneError("no buffer entries to train on")
+    buffer_train = entry_graphs(train_entries, spec, targets)
+    held = entry_graphs(held_entries, spec, targets)
+    replay_seed = _replay_seed(claim, config.seed)
+    replay = load_graphs(replay_path, targets, split_column="megnet_split", split="train",
+                         spec=spec, sample=config.replay_size, seed=replay_seed, workers=1,
+                         progress=False).graphs if config.replay_size > 0 else []
+    val = load_graphs(replay_path, targets, split_column="megnet_split", split="val",
+                      spec=spec, limit=config.val_size, workers=1, progress=False,
+                      cache_dir=settings.graph_cache_dir).graphs
+    if not val:
+        raise FineTuneError(f"no validation rows (megnet_split=val) in {replay_path}")
+    eval_graphs = val + held
+    truth = torch.cat([g.y for g in eval_graphs]).numpy()
+    current_metrics = score(member_predictions(models, blobs, eval_graphs, device), truth,
+                            len(val), targets)
+
+    train_graphs = buffer_train * max(config.buffer_repeat, 1) + replay
+    torch.manual_seed(config.seed)
+    new_blobs = []
+    bar = tqdm(list(zip(models, blobs, card["members"], strict=True)), desc="fine-tune",
+               unit="member", disable=not config.progress)
+    for k, (model, blob, _name) in enumerate(bar):
+        gen = torch.Generator().manual_seed(config.seed + k)
+        loader = DataLoader(train_graphs, batch_size=config.batch_size, shuffle=True,
+                            generator=gen)
+        wd = float(blob.get("train_config", {}).get("weight_decay", 1e-5))
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=wd)
+        total = config.epochs * len(loader)
+        step, losses = 0, []
+        mean, std = blob["norm_mean"].to(device), blob["norm_std"].to(device)
+        for _ in range(config.epochs):
+            loss, _, step = train_epoch(
+                model, loader, opt, mean=mean, std=std, device=device, step=step,
+                lr_at=lambda s, total=total: config.lr * _lr_factor(s, total, 0),
+                progress=False)
+            losses.append(loss)
+        model.eval()
+        new_blobs.append({**blob, "state_dict": {k2: v.detach().cpu().clone()
+                                                 for k2, v in model.state_dict().items()},
+                          "epochs_trained": int(blob.get("epochs_trained", 0)) + config.epochs,
+                          "finetune": {"parent": parent, "epochs": config.epochs,
+                                       "lr": config.lr, "train_losses": losses}})
+    preds = member_predictions(models, new_blobs, eval_graphs, device)
+    new_metrics = score(preds, truth, len(val), targets)
+
+    mean, sigma = _ensemble(preds, targets)
+    mode = f"ensemble{len(models)}"
+    calibration: dict[str, Any] = {"n": len(eval_graphs)}
+    for j, t in enumerate(targets):
+        known = ~np.isnan(truth[:, j])
+        errors = mean[known, j] - truth[known, j]
+        cal = cross_fitted_calibration(errors, sigma[known, j])
+        calibration[t] = {"scale": cal["scale"], "mae": float(np.abs(errors).mean()),
+                          "held_out": cal["held_out"], "uncalibrated": cal["uncalibrated"]}
+    metrics = {"val": new_metrics["val"], "holdout": new_metrics["holdout"],
+               "current": current_metrics, "n_val": len(val), "n_holdout": len(held),
+               "n_buffer_train": len(buffer_train), "n_replay": len(replay),
+               "replay_seed": replay_seed,
+               "calibration_scale": {t: calibration[t]["scale"] for t in targets}}
+    data = {**claim.summary(), "holdout": [e["material_id"] for e in held_entries],
+            "replay": {"file": replay_path.name, "split": "megnet_split=train",
+                       "n": len(replay), "seed": replay_seed},
+            "validation": {"file": replay_path.name, "split": "megnet_split=val",
+                           "first_rows": len(val)}}
+    new_card = {
+        **card, "members": card["members"], "calibration": {mode: calibration},
+        "calibration_note": f"recalibrated after fine-tuning ({mode} only; other modes "
+                            "are uncalibrated)",
+        "val_mae_ensemble": new_metrics["val"],
+        "member_val_mae": [_mae(p[: len(val)], truth[: len(val)], targets) for p in preds],
+        "member_epochs": [b["epochs_trained"] for b in new_blobs],
+        "finetune": {"parent": parent, "config": asdict(config), "metrics": metrics,
+                     "data": data, "created": dt.datetime.now(dt.UTC).isoformat()},
+    }
+    with tempfile.TemporaryDirectory(prefix="matcouple-ft-") as tmp:
+        out = Path(tmp)
+        for name, blob in zip(card["members"], new_blobs, strict=True):
+            _atomic_save(blob, out / name)
+        (out / "model_card.json").write_text(json.dumps(new_card, indent=1, default=str))
+        metrics["elapsed_s"] = time.monotonic() - start
+        version = registry.register(out, metrics=metrics, parent=parent, data=data)
+    promote, reason = promotion_decision(current_metrics, new_metrics,
+                                         val_tolerance=config.val_tolerance,
+                                         holdout_tolerance=config.holdout_tolerance)
+    if promote and buffer is not None and not buffer.holds(claim):
+        promote, reason = False, "the claim expired and was taken over before promotion"
+    if promote:
+        registry.promote(version, reason=reason)
+        status = "promoted"
+    else:
+        registry.mark(version, REFUSED, reason)
+        status = "refused"
+    return FineTuneOutcome(status=status, reason=reason, version=version, parent=parent,
+                           metrics=metrics, n_entries=len(claim.entries),
+                           elapsed_s=time.monotonic() - start)
+
+
+def finetune_now(db: Database, *, owner: str, token: str | None = None,
+                 config: FineTuneConfig | None = None) -> FineTuneOutcome:
+    """Claim the buffer, fine-tune, release. A failure is recorded in the registry (status
+    ``failed``) and on the entries, which stay pending; the promoted model is untouched."""
+    buffer = FineTuneBuffer(db)
+    claim = buffer.claim(owner, token=token)
+    if claim is None:
+        return FineTuneOutcome(status="skipped", reason="another fine-tune is running or "
+                               "nothing is pending in the buffer")
+    start = time.monotonic()
+    try:
+        outcome = finetune(db, claim, config, buffer=buffer)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        log.exception("fine-tune %s failed", claim.claim_id)
+        registry = ModelRegistry(db)
+        current = registry.current()
+        version = registry.record_failure(
+            error=error, parent=current["version"] if current else "shipped",
+            data=claim.summary())
+        buffer.release(claim, success=False, error=error)
+        return FineTuneOutcome(status="failed", reason="the fine-tune raised; the promoted "
+                               "model is unchanged", version=version, error=error,
+                               n_entries=len(claim.entries),
+                               elapsed_s=time.monotonic() - start)
+    buffer.release(claim, success=True, version=outcome.version)
+    return outcome
