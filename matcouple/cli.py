@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from matcouple.coordinate.cli import design_app, report_app
+from matcouple.coordinate.discriminator_cli import discriminator_app
 from matcouple.dft.cli import dft_app
 from matcouple.directive.cli import generate_app, train_app
 from matcouple.errors import MatcoupleError
@@ -36,6 +37,7 @@ app.command("predict")(surrogate_cli.predict)
 app.add_typer(dft_app, name="dft")
 app.add_typer(design_app, name="design")
 app.add_typer(report_app, name="report")
+app.add_typer(discriminator_app, name="discriminator")
 
 console = Console()
 err = Console(stderr=True)

@@ -186,6 +186,20 @@ class Settings:
                                                                     ""))
     llm_timeout_s: float = 60.0
     llm_max_turns: int = 40
+    # --- coordinate: match discriminator ---
+    # A CSP sample is a match when its StructureMatcher RMS distance (normalised by
+    # (V/N)^(1/3), tolerances of MATCHER_TOLERANCES) to a known structure of its
+    # composition is below d; d = stol = 0.5 makes the label the CSP benchmark's match.
+    discriminator_rmsd_threshold: float = 0.5
+    # CSP samples drawn per composition for training data (paper: 5).
+    discriminator_samples_per_composition: int = 5
+    # A generated structure is trusted when p_match >= this (else it goes to DFT).
+    discriminator_p_match_min: float = 0.5
+    # Shipped classifier (relative to the checkout unless absolute);
+    # $MATCOUPLE_DISCRIMINATOR_MODEL overrides it.
+    discriminator_model: str = "models/discriminator/discriminator.pt"
+    # Where sample sets (jsonl.gz) and their feature caches are written (git-ignored).
+    discriminator_data_dir: str = ".cache/discriminator"
 
 
 @lru_cache(maxsize=1)
