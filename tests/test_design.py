@@ -106,13 +106,14 @@ def test_no_llm_endpoint_means_deterministic_and_bad_endpoint_is_explained(monke
 
 
 # ---------------------------------------------------------------- decisions
-def _decide_with_tau(config, structure, tau, run):
+def _decide_with_tau(config, structure, tau, run, p_match_min=None):
     from matcouple.coordinate.design_tasks import DesignDecideTask
     from matcouple.store.connection import open_database
 
     db = open_database(config)
     cfg = dr.DesignConfig(request=make_request("MgO", 1, value=1.0), run=run, tau=tau,
-                          max_iterations=1, max_dft=1, launchpad_file=str(config.path))
+                          max_iterations=1, max_dft=1, launchpad_file=str(config.path),
+                          p_match_min=p_match_min)
     dr.create_run(db, cfg)
     dr.record_generated(db, run, 1, [structure], {"test": True}, "formation_energy_per_atom")
     task = DesignDecideTask(run=run, iteration=1, launchpad_file=str(config.path))
@@ -135,12 +136,21 @@ def test_policy_branches_with_real_predictions(launchpad_config, rocksalt):
     names = [fw.name for fw in dft_wfs[0].fws]
     assert any(n.startswith("dft gpaw-fast") for n in names)
     assert any(n.startswith("design file") for n in names)
-    # tau above it: accepted, nothing appended but (perhaps) the next iteration.
-    db, action = _decide_with_tau(launchpad_config, rocksalt, pred.sigma * 2, "high-tau")
+    assert 0.0 <= cand["decision"]["p_match"] <= 1.0  # the match discriminator's p_match
+    # tau above it (and any p_match trusted): accepted, no DFT appended.
+    db, action = _decide_with_tau(launchpad_config, rocksalt, pred.sigma * 2, "high-tau",
+                                  p_match_min=0.0)
     (cand,) = dr.iteration_candidates(db, "high-tau", 1)
     assert cand["status"] == "accepted" and cand["value"] == pytest.approx(pred.value)
     assert cand["meets_target"] is True
     assert not [wf for wf in action.additions if wf.name.startswith("design dft")]
+    # ... and a p_match threshold above the structure's p_match sends it to DFT.
+    p_match = cand["decision"]["p_match"]
+    if p_match < 1.0:
+        db, action = _decide_with_tau(launchpad_config, rocksalt, pred.sigma * 2, "p-match",
+                                      p_match_min=min(1.0, p_match + 1e-6))
+        (cand,) = dr.iteration_candidates(db, "p-match", 1)
+        assert cand["status"] == "dft_queued" and "p_match" in cand["decision"]["reason"]
 
 
 # ---------------------------------------------------------------- runs through rlaunch

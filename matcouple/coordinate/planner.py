@@ -2,8 +2,8 @@
 
 1. ``query_database``: known structures that meet the target are returned at once;
 2. ``generate_structures`` for the composition, then the validity filters;
-3. ``predict_properties`` with Crysformer and its calibrated sigma (and p_match of the
-   match discriminator where it is installed);
+3. ``predict_properties`` with Crysformer and its calibrated sigma, and p_match of the
+   match discriminator;
 4. decide per candidate (``decide`` with tau): accept the AI value, or ``run_dft``;
 5. file every DFT result into the materials database and the fine-tuning buffer;
 6. iterate until N structures meet the target or the iteration cap is reached.
@@ -15,6 +15,7 @@ step is a Firework on the LaunchPad. An LLM may choose the tools instead
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,15 +82,17 @@ def generate_step(db: Database, run: str, iteration: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- steps 3 and 4
-def p_match_of(structures: list[Structure]) -> list[float | None]:
-    """p_match of the match discriminator where it is installed, else None per structure."""
-    try:
-        from matcouple.coordinate.discriminator import MatchDiscriminator
-    except ImportError:  # the discriminator is a separate, optional component
-        return [None] * len(structures)
-    if not structures:
-        return []
-    return [float(p) for p in MatchDiscriminator.default().p_match(structures)]
+@functools.lru_cache(maxsize=1)
+def _discriminator():
+    from matcouple.coordinate.discriminator import MatchDiscriminator
+
+    return MatchDiscriminator.default()
+
+
+def p_match_of(structures: list[Structure]) -> tuple[list[float], float]:
+    """p_match of each generated structure (the shipped match discriminator), its threshold."""
+    disc = _discriminator()
+    return (disc.p_match(structures) if structures else []), disc.threshold
 
 
 @dataclass
@@ -138,12 +141,13 @@ def decide_step(db: Database, run: str, iteration: int, owner: str) -> DecideOut
     structures = [Structure.from_dict(c["structure"]) for c in mine]
     preds = predict_properties([(c["_id"], s) for c, s in zip(mine, structures, strict=True)],
                                target.label, model_dir=current_model_dir(db))
-    p_matches = p_match_of(structures)
+    p_matches, threshold = p_match_of(structures)
+    p_match_min = threshold if cfg.p_match_min is None else cfg.p_match_min
     for cand, structure, pred, p_match in zip(mine, structures, preds, p_matches,
                                               strict=True):
         cid = cand["_id"]
         out.model_version = pred.model_version
-        decision = decide(pred.sigma, cfg.tau, p_match=p_match, p_match_min=cfg.p_match_min)
+        decision = decide(pred.sigma, cfg.tau, p_match=p_match, p_match_min=p_match_min)
         record = {"prediction": {"value": pred.value, "sigma": pred.sigma,
                                  "model_version": pred.model_version, "error": pred.error},
                   "decision": {"action": decision.action, "reason": decision.reason,
