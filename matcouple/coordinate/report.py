@@ -67,7 +67,8 @@ def build_report(db: Database, run: str) -> dict[str, Any]:
         "generated": sampled,
         "valid": sum(1 for c in cands if c["kind"] == "generated"),
         "ai_accepted": status.count("accepted"),
-        "dft_run": status.count("dft_done") + status.count("dft_failed"),
+        "dft_run": sum(1 for c in cands if c["status"] in ("dft_done", "dft_failed")
+                       and not c.get("reused_dft")),
         "dft_pending": status.count("dft_queued"),
         "dft_reused": sum(1 for c in cands if c.get("reused_dft")),
         "skipped_budget": status.count("skipped"),
