@@ -1,7 +1,10 @@
 """Run a design workflow here: FireWorks' own `rlaunch rapidfire` workers, one per slot.
 
-Each worker is limited to the run's Fireworks (``spec.matcouple_run``) and stops when
-the run has nothing ready, waiting or running. While they work, the run's progress is
+Each worker is limited to the run's Fireworks (``spec.matcouple_run``) and keeps polling
+(``rapidfire --nlaunches infinite``): a decide Firework adds work only when it completes,
+so a worker that stopped at "nothing ready" would leave the others to do it alone. When
+none of the run's Fireworks is ready, reserved or running (waiting ones then wait on a
+fizzled parent), the idle workers are stopped. While they work, the run's progress is
 read from MongoDB and shown. Lost runs (a killed worker) are found and rerun with
 FireWorks' ``detect_lostruns``.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -47,18 +51,45 @@ def start_worker(launchpad_file: Path, workdir: Path, run: str, *, index: int = 
     log = open(workdir / "rlaunch.log", "ab")  # noqa: SIM115 - owned by the process
     return subprocess.Popen(
         [rlaunch_executable(), "-l", str(launchpad_file), "-w", str(fworker),
-         "--loglvl", "WARNING", "rapidfire", "--nlaunches", "0", "--sleep", str(sleep_s)],
+         "--loglvl", "WARNING", "rapidfire", "--nlaunches", "infinite", "--sleep",
+         str(sleep_s)],
         cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+ACTIVE_STATES = ("READY", "RESERVED", "RUNNING")
+
+
+def run_active(lp: LaunchPad, run: str) -> bool:
+    """Whether any Firework of the run is ready, reserved or running."""
+    return lp.fireworks.count_documents({"spec.matcouple_run": run,
+                                         "state": {"$in": list(ACTIVE_STATES)}}) > 0
 
 
 def run_workers(launchpad_file: Path, workdir: Path, run: str, workers: int,
                 on_tick: Callable[[], None] | None = None, tick_s: float = 3.0) -> list[int]:
-    """Start ``workers`` rlaunch processes and wait for all; returns their exit codes."""
+    """Run ``workers`` rlaunch processes until the run has nothing left; their exit codes.
+
+    A worker that dies is reported by its exit code; the others go on. Workers are stopped
+    (SIGTERM, while idle) once no Firework of the run is ready, reserved or running.
+    """
+    from matcouple.store.connection import LaunchpadConfig, open_launchpad
+
+    lp = open_launchpad(LaunchpadConfig.load(Path(launchpad_file)))
     procs = [start_worker(launchpad_file, workdir, run, index=k) for k in range(workers)]
+    idle_checks = 0
     try:
         while any(p.poll() is None for p in procs):
             if on_tick:
                 on_tick()
+            idle_checks = 0 if run_active(lp, run) else idle_checks + 1
+            if idle_checks >= 2:  # nothing left twice in a row: stop the idle workers
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+                for p in procs:
+                    p.wait(timeout=60)
+                return [0 if p.returncode == -signal.SIGTERM else p.returncode
+                        for p in procs]
             time.sleep(tick_s)
     except KeyboardInterrupt:
         for p in procs:
