@@ -248,7 +248,7 @@ def screen_results(
 @app.command("demo")
 def demo(
     max_iterations: int = typer.Option(3, help="Design iterations."),
-    max_dft: int = typer.Option(1, help="DFT calculations at most."),
+    max_dft: int = typer.Option(0, help="DFT calculations at most (GPAW fast preset)."),
     workers: int = typer.Option(2, help="Local rlaunch workers."),
     screening: bool = typer.Option(False, help="Run the earlier screening demo instead."),
     launchpad: Path | None = LAUNCHPAD_OPTION,

@@ -130,7 +130,7 @@ def load_formula_rows(store: MaterialsStore, formula: str) -> int:
     return report.written
 
 
-def run_demo(request: str = DEMO_REQUEST, *, max_iterations: int = 3, max_dft: int = 1,
+def run_demo(request: str = DEMO_REQUEST, *, max_iterations: int = 3, max_dft: int = 0,
              batch_size: int = 16, steps: int = 100, formula_units: tuple[int, ...] = (1,),
              workers: int = 2, run: str | None = None, launchpad: Path | None = None,
              console: Console | None = None) -> dict:
@@ -176,6 +176,11 @@ def run_demo(request: str = DEMO_REQUEST, *, max_iterations: int = 3, max_dft: i
     console.print(f"report: {json_path} and {png}")
     console.print(f"inspect: lpad -l {config.path} get_wflows -d more; "
                   f"matcouple report {name}")
+    if max_dft == 0:
+        console.print("DFT budget 0: low-confidence candidates are recorded as skipped. "
+                      "`matcouple demo --max-dft 1` runs GPAW (fast) on one of them; a "
+                      "generated Fe2O3 cell (5 atoms, spin-polarised) takes well over 30 "
+                      "minutes on 2 cores, a 2-atom Li cell about a minute.")
     if report["workflow_state"] != "COMPLETED":
         raise MatcoupleError(f"design run {name} ended in state {report['workflow_state']}; "
                              f"see launchpad/design/{name}/launches/")
