@@ -91,6 +91,9 @@ def build_report(db: Database, run: str) -> dict[str, Any]:
                      "dft_value": c.get("value") if c["status"] == "dft_done" else None,
                      "status": c["status"]}
                     for c in rows if c["status"] in ("dft_queued", "dft_done", "dft_failed")],
+            "skipped": [{"id": c["_id"], "value": c["prediction"]["value"],
+                         "sigma": c["prediction"]["sigma"]}
+                        for c in rows if c["status"] == "skipped"],
         })
     wf_state = _workflow_state(db, doc.get("wf_id"))
     return {"run": run, "request": cfg.request.as_dict(),
@@ -119,7 +122,13 @@ def plot_iterations(report: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.2))
     ai_x, ai_y, ai_s = [], [], []
     pred_x, pred_y, pred_s, dft_x, dft_y = [], [], [], [], []
+    skip_x, skip_y, skip_s = [], [], []
     for row in report["per_iteration"]:
+        for a in row.get("skipped", []):
+            if a["value"] is not None:
+                skip_x.append(row["iteration"])
+                skip_y.append(a["value"])
+                skip_s.append(a["sigma"] or 0.0)
         for a in row["ai"]:
             ai_x.append(row["iteration"])
             ai_y.append(a["value"])
@@ -137,7 +146,10 @@ def plot_iterations(report: dict[str, Any], path: Path) -> Path:
                     label=f"AI accepted ({len(ai_x)})")
     if pred_x:
         ax.errorbar(pred_x, pred_y, yerr=pred_s, fmt="o", mfc="none", color="tab:gray",
-                    capsize=2, label="AI, low confidence")
+                    capsize=2, label="AI, low confidence (sent to DFT)")
+    if skip_x:
+        ax.errorbar(skip_x, skip_y, yerr=skip_s, fmt="x", color="tab:orange", capsize=2,
+                    alpha=0.6, label=f"AI, low confidence, DFT budget spent ({len(skip_x)})")
     if dft_x:
         ax.scatter(dft_x, dft_y, marker="s", color="tab:red", zorder=3,
                    label=f"DFT ({len(dft_x)})")
@@ -145,6 +157,9 @@ def plot_iterations(report: dict[str, Any], path: Path) -> Path:
     ax.axhline(request["target"]["value"], color="k", ls="--", lw=1,
                label=report["target"])
     ax.set_xlabel("iteration")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     unit = request["target"]["unit"]
     ax.set_ylabel(f"{request['target']['label']} ({unit})")
     counts = report["counts"]
