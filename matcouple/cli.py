@@ -12,6 +12,7 @@ from rich.table import Table
 
 from matcouple.coordinate.cli import design_app, report_app
 from matcouple.coordinate.discriminator_cli import discriminator_app
+from matcouple.coordinate.models_cli import models_app
 from matcouple.dft.cli import dft_app
 from matcouple.directive.cli import generate_app, train_app
 from matcouple.errors import MatcoupleError
@@ -38,6 +39,7 @@ app.add_typer(dft_app, name="dft")
 app.add_typer(design_app, name="design")
 app.add_typer(report_app, name="report")
 app.add_typer(discriminator_app, name="discriminator")
+app.add_typer(models_app, name="models")
 
 console = Console()
 err = Console(stderr=True)

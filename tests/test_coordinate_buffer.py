@@ -193,3 +193,18 @@ def test_at_most_one_finetune_firework_while_one_is_pending(db, launchpad_config
     buffer.lock.update_one({"_id": LOCK_ID}, {"$set": {
         "expires_at": utcnow() - dt.timedelta(seconds=1)}})
     assert finetune_firework_if_due(db) is not None
+
+
+def test_buffer_size_from_the_environment(db, rocksalt, monkeypatch):
+    from matcouple.settings import get_settings
+
+    monkeypatch.setenv("MATCOUPLE_FINETUNE_BUFFER_SIZE", "3")
+    get_settings.cache_clear()
+    try:
+        buffer = FineTuneBuffer(db)
+        _fill(buffer, rocksalt, 2)
+        assert not buffer.is_due()
+        _fill(buffer, rocksalt, 1, start=2)
+        assert buffer.is_due()
+    finally:
+        get_settings.cache_clear()

@@ -16,6 +16,7 @@ import pytest
 from matcouple.coordinate.buffer import FineTuneBuffer, finetune_firework_if_due
 from matcouple.coordinate.finetune import (
     FineTuneConfig,
+    entry_graphs,
     finetune_now,
     promotion_decision,
     split_entries,
@@ -24,7 +25,9 @@ from matcouple.settings import get_settings
 from matcouple.store.connection import open_database, open_launchpad
 from matcouple.store.registry import ModelRegistry, RegistryError
 from matcouple.structures.io import structure_from_text
+from matcouple.surrogate.graph import GraphSpec
 from matcouple.surrogate.predict import SurrogatePredictor
+from matcouple.surrogate.train import masked_l1
 
 CI = get_settings().data_dir / get_settings().datasets["mp2018-ci"]
 FULL = get_settings().data_dir / get_settings().datasets["mp2018"]
@@ -91,6 +94,8 @@ def test_promotion_rule_numbers():
                                {"val": {"formation_energy_per_atom": 0.1}, "holdout": {}},
                                val_tolerance=0.0, holdout_tolerance=0.0)
     assert ok  # equal is "not worse"; no held-out entries: the val slice decides
+    defaults = FineTuneConfig.from_settings()
+    assert (defaults.val_tolerance, defaults.holdout_tolerance) == (0.02, 0.02)
     entries = [{"material_id": f"m{i}", "fidelity": "f"} for i in range(8)]
     train, held = split_entries(entries, 0.25)
     assert len(held) == 2 and len(train) == 6 and split_entries(entries, 0.25)[1] == held
@@ -200,3 +205,31 @@ def test_corrupt_or_missing_gridfs_files_are_clear_errors(db):
     assert SurrogatePredictor.default(model_dir=folder, device="cpu").version == "good"
     with pytest.raises(RegistryError, match="no model_card.json"):
         registry.register(folder / "nonexistent")
+
+
+def test_unusable_entries_are_skipped_and_missing_labels_masked(rocksalt):
+    import torch
+    from pymatgen.core import Lattice, Structure
+
+    lonely = Structure(Lattice.cubic(80.0), ["Na"], [[0, 0, 0]])
+    entries = [
+        {"material_id": "ok", "structure": rocksalt.as_dict(),
+         "labels": {"formation_energy_per_atom": -3.0}},
+        {"material_id": "other-label", "structure": rocksalt.as_dict(),
+         "labels": {"energy_per_atom": -5.0}},
+        {"material_id": "lonely", "structure": lonely.as_dict(),
+         "labels": {"formation_energy_per_atom": 0.0}},
+    ]
+    graphs, skipped = entry_graphs(entries, GraphSpec(), ("formation_energy_per_atom",
+                                                          "band_gap"))
+    assert [g.material_id for g in graphs] == ["ok"]
+    assert torch.isnan(graphs[0].y[0, 1]) and graphs[0].y[0, 0] == -3.0
+    reasons = dict(skipped)
+    assert "no label" in reasons["other-label"] and "neighbours" in reasons["lonely"]
+    pred = torch.tensor([[0.5, 0.2], [0.1, 0.0]], requires_grad=True)
+    mean, std = torch.zeros(2), torch.ones(2)
+    y = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
+    assert float(masked_l1(pred, y, mean, std).detach()) == pytest.approx((0.5 + 0.1 + 1.0) / 3)
+    none = masked_l1(pred, torch.full((2, 2), float("nan")), mean, std)
+    none.backward()
+    assert float(none) == 0.0 and torch.all(pred.grad == 0)

@@ -285,10 +285,6 @@ def finetune_firework_if_due(db: Database, *, launchpad_file: str | None = None,
     After a failed fine-tune none is queued for ``Settings.finetune_retry_after_s``, so a
     fine-tune that keeps failing is not retried on every filed result.
     """
-    from fireworks import Firework
-
-    from matcouple.coordinate.tasks import FineTuneTask
-
     buffer = FineTuneBuffer(db)
     now = utcnow()
     lock = buffer.lock_state()
@@ -299,6 +295,19 @@ def finetune_firework_if_due(db: Database, *, launchpad_file: str | None = None,
         return None
     if not buffer.is_due(now):
         return None
+    return finetune_firework(db, launchpad_file=launchpad_file, run=run)
+
+
+def finetune_firework(db: Database, *, launchpad_file: str | None = None,
+                      run: str | None = None, config: dict[str, Any] | None = None
+                      ) -> Firework | None:
+    """Reserve the lock and return the fine-tune Firework whether or not the buffer is due
+    (``matcouple models finetune-now --submit``); None while another is queued/running."""
+    from fireworks import Firework
+
+    from matcouple.coordinate.tasks import FineTuneTask
+
+    buffer = FineTuneBuffer(db)
     token = buffer.reserve(run)
     if token is None:
         return None
@@ -307,7 +316,8 @@ def finetune_firework_if_due(db: Database, *, launchpad_file: str | None = None,
         params["launchpad_file"] = str(launchpad_file)
     if run:
         params["run"] = run
-    spec = {"_category": buffer.settings.finetune_category} if \
-        buffer.settings.finetune_category else {}
-    return Firework([FineTuneTask(**params)], spec=spec,
+    if config:
+        params["config"] = config
+    category = buffer.settings.finetune_category
+    return Firework([FineTuneTask(**params)], spec={"_category": category} if category else {},
                     name=f"finetune surrogate{' ' + run if run else ''}")

@@ -7,10 +7,10 @@ sample of the MP 2018 (MEGNet) train split, which keeps the model from forgettin
 knew. The member's target normalisation is kept, so the new files are drop-in
 replacements.
 
-Validation data: a fixed slice (the first ``val_size`` rows) of the MEGNet val split plus
-a held-out share of the buffer (chosen by a hash of each entry, so it is stable). On
-them the new ensemble's sigma is recalibrated (``surrogate.uncertainty``) and both the
-current and the new model are scored.
+Validation data: a fixed slice (the first ``val_size`` rows of at most ``max_atoms``
+atoms) of the MEGNet val split plus a held-out share of the buffer (chosen by a hash of
+each entry, so it is stable). On them the new ensemble's sigma is recalibrated
+(``surrogate.uncertainty``) and both the current and the new model are scored.
 
 Promotion rule (``promotion_decision``; tolerances in ``Settings.finetune_*``): with MAE
 the formation-energy mean absolute error of the ensemble mean, the new version is
@@ -18,7 +18,7 @@ promoted iff every metric is finite and
 
 * MAE_new(val slice) <= MAE_current(val slice) * (1 + finetune_val_tolerance) (0.02), and
 * MAE_new(held-out buffer) <= MAE_current(held-out buffer) + finetune_holdout_tolerance
-  (0.0 eV/atom), when the buffer had entries to hold out (4 or more entries).
+  (0.02 eV/atom), when the buffer had entries to hold out (4 or more entries).
 
 Otherwise the version is registered with status ``refused`` and its reason; a fine-tune
 that raises is registered as ``failed`` with the error. In both cases the promoted model
@@ -78,6 +78,7 @@ class FineTuneConfig:
     val_tolerance: float
     holdout_tolerance: float
     replay_data: str
+    max_atoms: int | None = None
     seed: int = 0
     device: str | None = None
     progress: bool = False
@@ -94,7 +95,8 @@ class FineTuneConfig:
                    holdout_fraction=s.finetune_holdout_fraction,
                    val_tolerance=s.finetune_val_tolerance,
                    holdout_tolerance=s.finetune_holdout_tolerance,
-                   replay_data=str(s.data_dir / s.datasets["mp2018"]))
+                   replay_data=str(s.data_dir / s.datasets["mp2018"]),
+                   max_atoms=s.finetune_max_atoms)
         return replace(base, **overrides)
 
 
@@ -134,16 +136,24 @@ def split_entries(entries: list[dict], fraction: float) -> tuple[list[dict], lis
 
 
 def entry_graphs(entries: list[dict], spec: GraphSpec, targets: tuple[str, ...]
-                 ) -> list[Data]:
-    """Graphs of buffer entries; a target the entry has no label for is NaN (masked)."""
-    graphs = []
+                 ) -> tuple[list[Data], list[tuple[str, str]]]:
+    """Graphs of buffer entries (a target an entry has no label for is NaN, masked in the
+    loss) and the (material_id, reason) of entries that cannot be used."""
+    graphs, skipped = [], []
     for e in entries:
-        g = structure_to_graph(Structure.from_dict(e["structure"]), spec)
         y = [float(e["labels"].get(t, math.nan)) for t in targets]
+        if all(math.isnan(v) for v in y):
+            skipped.append((e["material_id"], f"no label for any of {list(targets)}"))
+            continue
+        try:
+            g = structure_to_graph(Structure.from_dict(e["structure"]), spec)
+        except MatcoupleError as exc:
+            skipped.append((e["material_id"], str(exc)))
+            continue
         graphs.append(Data(z=g["z"], edge_index=g["edge_index"], edge_vec=g["edge_vec"],
                            y=torch.tensor([y], dtype=torch.float32), num_nodes=len(g["z"]),
                            material_id=e["material_id"]))
-    return graphs
+    return graphs, skipped
 
 
 # ---------------------------------------------------------------- evaluation
@@ -237,6 +247,15 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     """Fine-tune the current model on ``claim``'s entries, register the result and promote
     it if the promotion rule allows. Raises on failure (the caller records it)."""
     start = time.monotonic()
+    timing: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # CPU time of this process: wall time on an idle machine
+    mark = [start, time.process_time()]
+
+    def lap(name: str) -> None:
+        now, now_cpu = time.monotonic(), time.process_time()
+        timing[name], cpu[name] = now - mark[0], now_cpu - mark[1]
+        mark[0], mark[1] = now, now_cpu
+
     config = config or FineTuneConfig.from_settings()
     settings = get_settings()
     registry = ModelRegistry(db)
@@ -246,28 +265,36 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     models, blobs = [m for m, _ in members], [b for _, b in members]
     targets = tuple(blobs[0]["model_config"]["targets"])
     spec = GraphSpec(**blobs[0]["graph_spec"])
+    lap("load_model")
     replay_path = Path(config.replay_data)
     if not replay_path.exists():
         raise FineTuneError(f"replay/validation data {replay_path} not found: set "
                             "MATCOUPLE_DATA_DIR to the folder holding the data sets")
     train_entries, held_entries = split_entries(claim.entries, config.holdout_fraction)
-    if not train_entries:
-        raise FineTuneError("no buffer entries to train on")
-    buffer_train = entry_graphs(train_entries, spec, targets)
-    held = entry_graphs(held_entries, spec, targets)
+    buffer_train, skipped = entry_graphs(train_entries, spec, targets)
+    held, skipped_held = entry_graphs(held_entries, spec, targets)
+    skipped += skipped_held
+    if not buffer_train:
+        raise FineTuneError("no usable buffer entries to train on: " + "; ".join(
+            f"{mid}: {why}" for mid, why in skipped))
     replay_seed = _replay_seed(claim, config.seed)
-    replay = load_graphs(replay_path, targets, split_column="megnet_split", split="train",
-                         spec=spec, sample=config.replay_size, seed=replay_seed, workers=1,
-                         progress=False).graphs if config.replay_size > 0 else []
+    replay = []
+    if config.replay_size > 0:
+        replay = load_graphs(replay_path, targets, split_column="megnet_split",
+                             split="train", spec=spec, sample=config.replay_size,
+                             seed=replay_seed, workers=1, max_atoms=config.max_atoms,
+                             progress=False).graphs
     val = load_graphs(replay_path, targets, split_column="megnet_split", split="val",
                       spec=spec, limit=config.val_size, workers=1, progress=False,
-                      cache_dir=settings.graph_cache_dir).graphs
+                      max_atoms=config.max_atoms, cache_dir=settings.graph_cache_dir).graphs
     if not val:
         raise FineTuneError(f"no validation rows (megnet_split=val) in {replay_path}")
     eval_graphs = val + held
+    lap("graphs")
     truth = torch.cat([g.y for g in eval_graphs]).numpy()
     current_metrics = score(member_predictions(models, blobs, eval_graphs, device), truth,
                             len(val), targets)
+    lap("evaluate_current")
 
     train_graphs = buffer_train * max(config.buffer_repeat, 1) + replay
     torch.manual_seed(config.seed)
@@ -295,6 +322,7 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
                           "epochs_trained": int(blob.get("epochs_trained", 0)) + config.epochs,
                           "finetune": {"parent": parent, "epochs": config.epochs,
                                        "lr": config.lr, "train_losses": losses}})
+    lap("train")
     preds = member_predictions(models, new_blobs, eval_graphs, device)
     new_metrics = score(preds, truth, len(val), targets)
 
@@ -310,13 +338,16 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     metrics = {"val": new_metrics["val"], "holdout": new_metrics["holdout"],
                "current": current_metrics, "n_val": len(val), "n_holdout": len(held),
                "n_buffer_train": len(buffer_train), "n_replay": len(replay),
+               "skipped_entries": [{"material_id": m, "reason": r} for m, r in skipped],
                "replay_seed": replay_seed,
-               "calibration_scale": {t: calibration[t]["scale"] for t in targets}}
+               "calibration_scale": {t: calibration[t]["scale"] for t in targets},
+               "device": str(device), "timing_s": timing, "cpu_time_s": cpu}
+    lap("evaluate_new")
     data = {**claim.summary(), "holdout": [e["material_id"] for e in held_entries],
             "replay": {"file": replay_path.name, "split": "megnet_split=train",
-                       "n": len(replay), "seed": replay_seed},
+                       "n": len(replay), "seed": replay_seed, "max_atoms": config.max_atoms},
             "validation": {"file": replay_path.name, "split": "megnet_split=val",
-                           "first_rows": len(val)}}
+                           "first_rows": len(val), "max_atoms": config.max_atoms}}
     new_card = {
         **card, "members": card["members"], "calibration": {mode: calibration},
         "calibration_note": f"recalibrated after fine-tuning ({mode} only; other modes "
@@ -334,17 +365,19 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
         (out / "model_card.json").write_text(json.dumps(new_card, indent=1, default=str))
         metrics["elapsed_s"] = time.monotonic() - start
         version = registry.register(out, metrics=metrics, parent=parent, data=data)
+    lap("register")
     promote, reason = promotion_decision(current_metrics, new_metrics,
                                          val_tolerance=config.val_tolerance,
                                          holdout_tolerance=config.holdout_tolerance)
     if promote and buffer is not None and not buffer.holds(claim):
         promote, reason = False, "the claim expired and was taken over before promotion"
-    if promote:
-        registry.promote(version, reason=reason)
+    if promote:  # the files were just evaluated: the download's checksums suffice
+        registry.promote(version, reason=reason, check_load=False)
         status = "promoted"
     else:
         registry.mark(version, REFUSED, reason)
         status = "refused"
+    lap("promote")
     return FineTuneOutcome(status=status, reason=reason, version=version, parent=parent,
                            metrics=metrics, n_entries=len(claim.entries),
                            elapsed_s=time.monotonic() - start)

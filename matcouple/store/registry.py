@@ -170,9 +170,11 @@ class ModelRegistry:   # GridFS bucket + a `model_versions` collection
                                     {"$set": update}).matched_count == 0:
             raise RegistryError(f"no model version {version!r} in the registry")
 
-    def promote(self, version: str, reason: str | None = None) -> dict[str, Any]:
+    def promote(self, version: str, reason: str | None = None,
+                check_load: bool = True) -> dict[str, Any]:
         """Make ``version`` the model later predictions use, after checking that it
-        downloads intact and loads; on any error the promoted model stays as it was."""
+        downloads intact and (``check_load``) loads; on any error the promoted model stays
+        as it was."""
         from matcouple.surrogate.predict import SurrogatePredictor
 
         doc = self.get(version)
@@ -180,10 +182,11 @@ class ModelRegistry:   # GridFS bucket + a `model_versions` collection
             raise RegistryError(f"model version {version} is {doc['status']} and has no "
                                 "complete files; it cannot be promoted")
         path = self.model_dir(version)
-        try:
-            SurrogatePredictor.default(model_dir=path, device="cpu")
-        except MatcoupleError as exc:
-            raise RegistryError(f"model version {version} does not load: {exc}") from exc
+        if check_load:
+            try:
+                SurrogatePredictor.default(model_dir=path, device="cpu")
+            except MatcoupleError as exc:
+                raise RegistryError(f"model version {version} does not load: {exc}") from exc
         now = dt.datetime.now(dt.UTC)
         before = self.versions.find_one_and_update(
             {"_id": CURRENT_ID}, {"$set": {"version": version, "promoted_at": now,

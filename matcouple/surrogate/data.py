@@ -83,13 +83,15 @@ def load_graphs(
     progress: bool = True,
     sample: int | None = None,
     seed: int = 0,
+    max_atoms: int | None = None,
 ) -> GraphSet:
     """Graphs of the rows of ``path`` (optionally one split), with labels ``targets``;
-    ``limit`` keeps the first rows, ``sample`` a random draw of that many (``seed``)."""
+    ``max_atoms`` drops rows whose ``natoms`` column is larger, then ``limit`` keeps the
+    first rows and ``sample`` a random draw of that many (``seed``)."""
     spec = spec or GraphSpec()
     cache = None
     if cache_dir is not None:
-        extra = (sample, seed) if sample else ()
+        extra = ((sample, seed) if sample else ()) + ((max_atoms,) if max_atoms else ())
         key = hashlib.sha256(repr((table_hash(path), targets, split_column, split,
                                    asdict(spec), limit, *extra)).encode()).hexdigest()[:16]
         cache = Path(cache_dir) / f"graphs-{key}.pt"
@@ -104,6 +106,8 @@ def load_graphs(
         if split_column not in frame.columns:
             raise DatasetError(f"{path} has no split column {split_column!r}")
         frame = frame[frame[split_column] == split]
+    if max_atoms and "natoms" in frame.columns:
+        frame = frame[frame["natoms"] <= max_atoms]
     if limit:
         frame = frame.iloc[:limit]
     if sample and sample < len(frame):
