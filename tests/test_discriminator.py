@@ -154,11 +154,17 @@ def test_classifier_trains_and_its_auc_is_computed_correctly(perov_samples, tmp_
         assert r["auc"] == pytest.approx(roc_auc(data.y, r["p"]))
         assert np.trapezoid(r["roc"]["tpr"], r["roc"]["fpr"]) == pytest.approx(r["auc"])
         assert np.all((r["p"] >= 0) & (r["p"] <= 1))
-    card = train_discriminator([path], tmp_path / "d.pt", folds=3, progress=False,
-                               variants=["logistic_all"])
-    assert card["auc"] == pytest.approx(results[card["model"]["variant"]]["auc"])
+    # a fresh copy of the file: no feature cache, geometry only (the surrogate is skipped)
+    fresh = tmp_path / "fresh.jsonl.gz"
+    fresh.write_bytes(path.read_bytes())
+    card = train_discriminator([fresh], tmp_path / "d.pt", folds=3, progress=False,
+                               variants=["mlp_geometry"])
+    assert list(card["metrics"]) == ["mlp_geometry"]
+    assert card["auc"] == pytest.approx(results["mlp_geometry"]["auc"])
     assert (tmp_path / "d.json").exists() and (tmp_path / "d_roc.png").exists()
     assert (tmp_path / "d.pt").stat().st_size < 2_000_000
+    with pytest.raises(DatasetError, match="unknown variant"):
+        train_discriminator([fresh], tmp_path / "e.pt", variant="forest")
     blob = torch.load(tmp_path / "d.pt", weights_only=True)
     assert blob["features"] == card["model"]["features"]
     model = MatchDiscriminator.load(tmp_path / "d.pt")
@@ -191,6 +197,18 @@ def test_shipped_model_scores_real_and_generated_structures(shipped, rocksalt_na
     assert all(isinstance(q, float) and 0.0 <= q <= 1.0 for q in scores)
     assert default_model_path().stat().st_size < 2_000_000
     assert shipped.meta["auc"] > 0.5
+
+
+def test_p_match_does_not_depend_on_the_cell_chosen(shipped, rocksalt_nacl):
+    primitive = rocksalt_nacl.get_primitive_structure()
+    supercell = primitive * (2, 1, 1)
+    scores = shipped.p_match([rocksalt_nacl, primitive, supercell])
+    assert scores[1] == pytest.approx(scores[0], abs=1e-6)
+    assert scores[2] == pytest.approx(scores[0], abs=1e-6)
+    # a real crystal scores above the same atoms thrown into the same box at random
+    rng = np.random.default_rng(0)
+    scrambled = Structure(rocksalt_nacl.lattice, rocksalt_nacl.species, rng.random((8, 3)))
+    assert shipped.p_match([scrambled])[0] < scores[0]
 
 
 def test_bad_input_gets_a_clear_error(shipped, rocksalt_nacl, tmp_path):

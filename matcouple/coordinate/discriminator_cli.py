@@ -88,6 +88,9 @@ def train_command(
                                                 "RMSD < d (default Settings)."),
     variant: str | None = typer.Option(None, help="mlp_all, logistic_all or mlp_geometry "
                                        "(default: best cross-validated AUC)."),
+    variants: list[str] | None = typer.Option(
+        None, "--variants", help="Variants to cross-validate (repeatable; default all). "
+        "Geometry-only variants skip the surrogate (much faster on a CPU)."),
 ) -> None:
     """Train p_match on labelled samples; report cross-validated AUC, precision, ECE."""
     from matcouple.coordinate.discriminator import default_model_path
@@ -95,7 +98,8 @@ def train_command(
 
     try:
         card = train_discriminator(data, out or default_model_path(), folds=folds, seed=seed,
-                                   rmsd_threshold=rmsd_threshold, variant=variant)
+                                   rmsd_threshold=rmsd_threshold, variant=variant,
+                                   variants=variants or None)
     except MatcoupleError as exc:
         _fail(exc)
     table = Table(title=f"match discriminator: {card['data']['samples']} samples, "

@@ -328,7 +328,10 @@ def generate_sample_set(config: SampleSetConfig, output: Path | None = None, *,
                         "references": [r.structure.as_dict() for r in refs],
                         "rmsd_threshold": config.rmsd_threshold, "sampler": sampler}))
                 formulas.update(j["composition"] for j in batch)
-                pending = _drain(pending, fh, counts, bar, wait=False)
+                # back-pressure: labelling may not fall more than two batches behind, so
+                # the time budget bounds the whole run, not just the sampling
+                pending = _drain(pending, fh, counts, bar, wait=False,
+                                 keep=2 * config.batch_size)
             _drain(pending, fh, counts, bar, wait=True)
     finally:
         bar.close()
@@ -344,10 +347,12 @@ def generate_sample_set(config: SampleSetConfig, output: Path | None = None, *,
     return summary
 
 
-def _drain(pending: list[Future], fh, counts: dict[str, int], bar, *, wait: bool
-           ) -> list[Future]:
-    """Write finished labels in submission order; keep the rest pending."""
-    while pending and (wait or pending[0].done()):
+def _drain(pending: list[Future], fh, counts: dict[str, int], bar, *, wait: bool,
+           keep: int | None = None) -> list[Future]:
+    """Write finished labels in submission order; keep the rest pending (at most
+    ``keep`` of them: waits for the oldest beyond that; ``wait``: none)."""
+    while pending and (wait or pending[0].done() or
+                       (keep is not None and len(pending) > keep)):
         record = pending.pop(0).result()
         fh.write(json.dumps(record) + "\n")
         counts["samples"] += 1

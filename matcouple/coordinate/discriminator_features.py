@@ -10,9 +10,12 @@ can learn p_match from a few thousand labelled samples.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import multiprocessing
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -101,7 +104,12 @@ def _bonds(structure: Structure, radii: np.ndarray) -> list[float]:
 
 
 def geometry_features(structure: Structure) -> list[float]:
-    """The GEOMETRY features of one ordered structure."""
+    """The GEOMETRY features of one ordered structure, read off its primitive cell so that
+    a conventional cell and a supercell score like the crystal they describe (the same
+    reduction StructureMatcher makes before labelling)."""
+    with warnings.catch_warnings(), contextlib.suppress(Exception):  # else: as given
+        warnings.simplefilter("ignore")
+        structure = structure.get_primitive_structure(tolerance=0.25)
     numbers = [site.specie.Z for site in structure]
     radii = np.array([_radius(z) for z in numbers])
     n = len(structure)
@@ -131,14 +139,27 @@ def surrogate_features(structures: Sequence[Structure], predictor) -> np.ndarray
 
 
 def feature_matrix(structures: Sequence[Structure], *, predictor=None,
-                   progress: bool = False) -> np.ndarray:
-    """(N, features) float64: GEOMETRY, then SURROGATE when a predictor is given."""
+                   progress: bool = False, workers: int = 1) -> np.ndarray:
+    """(N, features) float64: GEOMETRY, then SURROGATE when a predictor is given;
+    ``workers`` > 1 computes the geometry in that many processes."""
     from tqdm import tqdm
 
     structures = check_input(structures)
-    geometry = np.array([geometry_features(s) for s in
-                         tqdm(structures, disable=not progress, desc="features", unit="st")],
-                        dtype=np.float64)
+    bar = tqdm(total=len(structures), disable=not progress, desc="features", unit="st")
+    if workers > 1 and len(structures) > 200:
+        context = multiprocessing.get_context("spawn")  # safe beside CUDA
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            rows = []
+            for row in pool.map(geometry_features, structures, chunksize=32):
+                rows.append(row)
+                bar.update(1)
+    else:
+        rows = []
+        for s in structures:
+            rows.append(geometry_features(s))
+            bar.update(1)
+    bar.close()
+    geometry = np.array(rows, dtype=np.float64)
     if predictor is None:
         return geometry
     return np.concatenate([geometry, surrogate_features(structures, predictor)], axis=1)

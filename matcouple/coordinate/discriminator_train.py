@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from matcouple.coordinate.discriminator_metrics import (
 from matcouple.errors import DatasetError
 from matcouple.settings import get_settings
 
-FEATURES_VERSION = "v1"
+FEATURES_VERSION = "v2-primitive"
 
 
 @dataclass
@@ -55,25 +56,38 @@ class SampleFeatures:
 
 def _cached_features(path: Path, records: list[dict[str, Any]], predictor, tag: str,
                      progress: bool) -> np.ndarray:
-    """Feature rows of a sample set's structures, cached beside it (keyed by ``tag``)."""
+    """Feature rows of a sample set's structures, cached beside it (keyed by ``tag``).
+
+    Without a predictor the SURROGATE columns are NaN, and any cache of this feature
+    version serves (its geometry columns are the same)."""
     cache = path.with_name(path.name.replace(".jsonl.gz", "") + ".features.npz")
     if cache.exists():
         stored = np.load(cache, allow_pickle=False)
-        if str(stored["tag"]) == tag and len(stored["x"]) == len(records):
+        same = str(stored["tag"]) == tag or (
+            predictor is None and str(stored["tag"]).startswith(f"{FEATURES_VERSION}|"))
+        if same and len(stored["x"]) == len(records):
             return stored["x"]
     structures = [Structure.from_dict(r["structure"]) for r in records]
-    x = feature_matrix(structures, predictor=predictor, progress=progress)
+    workers = max(1, (os.cpu_count() or 2) - 1)
+    x = feature_matrix(structures, predictor=predictor, progress=progress, workers=workers)
+    if predictor is None:
+        x = np.concatenate([x, np.full((len(x), len(SURROGATE)), np.nan)], axis=1)
     np.savez(cache, x=x, tag=np.array(tag))
     return x
 
 
 def load_sample_features(paths: Sequence[Path | str], *, rmsd_threshold: float | None = None,
-                         predictor=None, progress: bool = True) -> SampleFeatures:
-    """Features and labels (RMSD < d) of every sample with a structure in ``paths``."""
+                         predictor=None, surrogate: bool = True,
+                         progress: bool = True) -> SampleFeatures:
+    """Features and labels (RMSD < d) of every sample with a structure in ``paths``;
+    ``surrogate=False`` leaves the surrogate's columns NaN (geometry-only variants)."""
     settings = get_settings()
     d = settings.discriminator_rmsd_threshold if rmsd_threshold is None else rmsd_threshold
-    predictor = predictor or shipped_surrogate()
-    tag = f"{FEATURES_VERSION}|{predictor.version}|{predictor.mode}"
+    if surrogate:
+        predictor = predictor or shipped_surrogate()
+        tag = f"{FEATURES_VERSION}|{predictor.version}|{predictor.mode}"
+    else:
+        predictor, tag = None, f"{FEATURES_VERSION}|geometry"
     xs, ys, groups, rmsds, sources = [], [], [], [], []
     for path in map(Path, paths):
         labelled = list(iter_labelled(read_sample_set(path), d))
@@ -237,15 +251,20 @@ def train_discriminator(paths: Sequence[Path | str], out: Path | str, *, folds: 
     cross-validated AUC), write ``out`` + card + ROC plot."""
     settings = get_settings()
     out = Path(out)
+    unknown = [v for v in [*(variants or ()), *([variant] if variant else [])]
+               if v not in VARIANTS]
+    if unknown:
+        raise DatasetError(f"unknown variant(s) {unknown}; use one of {', '.join(VARIANTS)}")
     d = settings.discriminator_rmsd_threshold if rmsd_threshold is None else rmsd_threshold
     p_min = settings.discriminator_p_match_min
-    data = load_sample_features(paths, rmsd_threshold=d, progress=progress)
+    needed = [*(variants or VARIANTS), *([variant] if variant else [])]
+    surrogate = any(f in SURROGATE for v in needed for f in VARIANTS[v][0])
+    data = load_sample_features(paths, rmsd_threshold=d, surrogate=surrogate,
+                                progress=progress)
     if data.y.all() or not data.y.any():
         raise DatasetError(f"all {len(data.y)} samples have the same label (RMSD < {d}): "
                            "nothing to discriminate; sample more compositions or change d")
     fold_of = group_folds(data.groups, folds, seed)
-    if variant is not None and variant not in VARIANTS:
-        raise DatasetError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
     if variant is not None and variants is not None and variant not in variants:
         variants = [*variants, variant]
     results = evaluate(data, fold_of, p_min, seed, variants)
