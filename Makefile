@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 export FW_CONFIG_FILE := $(CURDIR)/fw_configs/FW_config.yaml
 
-.PHONY: install sysdeps demo test lint db-start db-stop benchmark benchmark-dft clean-db
+.PHONY: install sysdeps demo test lint db-start db-stop benchmark benchmark-dft benchmark-design clean-db
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@$(MAKE) --no-print-directory sysdeps
@@ -35,7 +35,7 @@ sysdeps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
 demo: install
-	$(BIN)/matcouple demo
+	OMP_NUM_THREADS=1 $(BIN)/matcouple demo
 
 test: install
 	$(BIN)/ruff check matcouple tests benchmarks
@@ -55,3 +55,6 @@ benchmark: install
 
 benchmark-dft: install
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/dft.py
+
+benchmark-design: install
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/design.py

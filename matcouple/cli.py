@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from matcouple.coordinate.cli import design_app, report_app
 from matcouple.coordinate.discriminator_cli import discriminator_app
 from matcouple.coordinate.models_cli import models_app
 from matcouple.dft.cli import dft_app
@@ -35,6 +36,8 @@ train_app.command("surrogate")(surrogate_cli.train_surrogate)
 app.add_typer(train_app, name="train")
 app.command("predict")(surrogate_cli.predict)
 app.add_typer(dft_app, name="dft")
+app.add_typer(design_app, name="design")
+app.add_typer(report_app, name="report")
 app.add_typer(discriminator_app, name="discriminator")
 app.add_typer(models_app, name="models")
 
@@ -246,14 +249,21 @@ def screen_results(
 # ---------------------------------------------------------------- demo
 @app.command("demo")
 def demo(
-    n: int = typer.Option(512, help="Structures to screen."),
+    max_iterations: int = typer.Option(3, help="Design iterations."),
+    max_dft: int = typer.Option(0, help="DFT calculations at most (GPAW fast preset)."),
+    workers: int = typer.Option(2, help="Local rlaunch workers."),
+    screening: bool = typer.Option(False, help="Run the earlier screening demo instead."),
     launchpad: Path | None = LAUNCHPAD_OPTION,
 ) -> None:
-    """End to end on the embedded database: load data, screen through the LaunchPad."""
-    from matcouple.demo import run_demo
+    """The main job on the embedded database: load data, design Fe2O3 (paper section 4.3)."""
+    from matcouple.demo import run_demo, run_screening_demo
 
     try:
-        run_demo(n=n, launchpad=launchpad, console=console)
+        if screening:
+            run_screening_demo(launchpad=launchpad, console=console)
+        else:
+            run_demo(max_iterations=max_iterations, max_dft=max_dft, workers=workers,
+                     launchpad=launchpad, console=console)
     except MatcoupleError as exc:
         _fail(exc)
 

@@ -129,20 +129,6 @@ class Settings:
     training_category: str = "gpu"
     # Queue system whose GPU request keys training Fireworks carry: "slurm" or "pbs".
     training_scheduler: str = "slurm"
-    # --- coordinate: match discriminator ---
-    # A CSP sample is a match when its StructureMatcher RMS distance (normalised by
-    # (V/N)^(1/3), tolerances of MATCHER_TOLERANCES) to a known structure of its
-    # composition is below d; d = stol = 0.5 makes the label the CSP benchmark's match.
-    discriminator_rmsd_threshold: float = 0.5
-    # CSP samples drawn per composition for training data (paper: 5).
-    discriminator_samples_per_composition: int = 5
-    # A generated structure is trusted when p_match >= this (else it goes to DFT).
-    discriminator_p_match_min: float = 0.5
-    # Shipped classifier (relative to the checkout unless absolute);
-    # $MATCOUPLE_DISCRIMINATOR_MODEL overrides it.
-    discriminator_model: str = "models/discriminator/discriminator.pt"
-    # Where sample sets (jsonl.gz) and their feature caches are written (git-ignored).
-    discriminator_data_dir: str = ".cache/discriminator"
     # --- coordinate: policy/buffer/registry ---
     # Decision policy: a prediction is accepted when its calibrated sigma keeps the central
     # `design_confidence` Gaussian interval within +-`design_error_bound` (eV/atom):
@@ -198,6 +184,45 @@ class Settings:
     # noisy, hence 0.02 eV/atom, a sixth of the error bound); every metric must be finite.
     finetune_val_tolerance: float = 0.02
     finetune_holdout_tolerance: float = 0.02
+    # --- coordinate: design run ---
+    # Collections of a design run: one document per run, one per candidate decision.
+    design_runs_collection: str = "design_runs"
+    design_candidates_collection: str = "design_candidates"
+    # Candidates sampled per iteration (one generate Firework each), the iteration cap, the
+    # DFT budget of a run, and the reverse-diffusion steps (0: Settings.generation_steps).
+    design_batch_size: int = 16
+    design_max_iterations: int = 50
+    design_max_dft: int = 20
+    design_steps: int = 0
+    # Formula units tried per cell (empty: every Z that fits the generator).
+    design_formula_units: tuple[int, ...] = ()
+    # `_category` of the model Fireworks (generate, predict/decide, file result).
+    design_category: str = "ai"
+    # Priority of design Fireworks; DFT results are filed before more is generated.
+    design_file_priority: int = 5
+    # Where `matcouple report` writes JSON and plots (relative to the checkout).
+    design_reports_dir: str = "launchpad/design"
+    # Optional LLM planner: any OpenAI-compatible chat-completions endpoint.
+    llm_url: str = field(default_factory=lambda: os.environ.get("MATCOUPLE_LLM_URL", ""))
+    llm_model: str = field(default_factory=lambda: os.environ.get("MATCOUPLE_LLM_MODEL", ""))
+    llm_api_key: str = field(default_factory=lambda: os.environ.get("MATCOUPLE_LLM_API_KEY",
+                                                                    ""))
+    llm_timeout_s: float = 60.0
+    llm_max_turns: int = 40
+    # --- coordinate: match discriminator ---
+    # A CSP sample is a match when its StructureMatcher RMS distance (normalised by
+    # (V/N)^(1/3), tolerances of MATCHER_TOLERANCES) to a known structure of its
+    # composition is below d; d = stol = 0.5 makes the label the CSP benchmark's match.
+    discriminator_rmsd_threshold: float = 0.5
+    # CSP samples drawn per composition for training data (paper: 5).
+    discriminator_samples_per_composition: int = 5
+    # A generated structure is trusted when p_match >= this (else it goes to DFT).
+    discriminator_p_match_min: float = 0.5
+    # Shipped classifier (relative to the checkout unless absolute);
+    # $MATCOUPLE_DISCRIMINATOR_MODEL overrides it.
+    discriminator_model: str = "models/discriminator/discriminator.pt"
+    # Where sample sets (jsonl.gz) and their feature caches are written (git-ignored).
+    discriminator_data_dir: str = ".cache/discriminator"
 
 
 @lru_cache(maxsize=1)
