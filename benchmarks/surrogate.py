@@ -46,7 +46,8 @@ def main() -> None:
     p.add_argument("--models", type=Path, default=None, help="folder with a model card")
     p.add_argument("--mc-samples", type=int, default=0)
     p.add_argument("--device", default=None)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: Settings.predict_batch_size_cpu / _gpu")
     p.add_argument("--workers", type=int, default=1, help="graph-building processes")
     p.add_argument("--out", type=Path, default=RESULTS / "surrogate.json")
     a = p.parse_args()

@@ -40,6 +40,26 @@ def test_shipped_models_are_calibrated_and_physical(predictor, silicon, rocksalt
     assert all(r.sigmas[t] > 0 for r in rows.values() for t in predictor.targets)
 
 
+def test_batch_size_does_not_change_predictions(predictor, silicon, rocksalt):
+    """The CPU default batch (small, for cache) and a big one give the same numbers, and
+    graphs of different sizes batched together do not leak into each other."""
+    items = [(f"s{k}", s) for k, s in enumerate([silicon, rocksalt, silicon * (2, 1, 1),
+                                                  rocksalt * (1, 2, 2), silicon] * 3)]
+    assert predictor.default_batch_size == 16  # CPU in tests
+    small = predictor.predict(items, batch_size=1)
+    default = predictor.predict(items)
+    big = predictor.predict(items, batch_size=256)
+    for a, b, c in zip(small, default, big, strict=True):
+        for t in predictor.targets:
+            assert a.values[t] == pytest.approx(b.values[t], abs=1e-5)
+            assert a.values[t] == pytest.approx(c.values[t], abs=1e-5)
+            assert a.sigmas[t] == pytest.approx(c.sigmas[t], abs=1e-5)
+    # supercells are the same crystal: same prediction (float32 sums: 1e-3)
+    for k in (0, 2, 4):
+        t = "formation_energy_per_atom"
+        assert default[k].values[t] == pytest.approx(default[0].values[t], abs=1e-3)
+
+
 def test_cli_predict_files_folder_and_csv(tmp_path, silicon, rocksalt):
     folder = tmp_path / "in"
     folder.mkdir()

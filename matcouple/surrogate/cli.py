@@ -107,7 +107,8 @@ def predict(
     output: Path | None = typer.Option(None, "--output", "-o", help="Write a CSV here."),
     mc_samples: int = typer.Option(0, help="MC-dropout passes per ensemble member."),
     device: str | None = typer.Option(None, help="cuda or cpu (default: cuda if present)."),
-    batch_size: int = typer.Option(128),
+    batch_size: int | None = typer.Option(
+        None, help="Structures per forward pass (default: 16 on CPU, 512 on GPU; settings)."),
 ) -> None:
     """Formation energy and band gap, each with a calibrated sigma, for each structure."""
     from matcouple.surrogate.predict import SurrogatePredictor
