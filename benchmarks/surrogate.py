@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from matcouple.coordinate.policy import accepted_accuracy  # noqa: E402
 from matcouple.datasets import ID_COLUMNS, read_table  # noqa: E402
 from matcouple.errors import MatcoupleError  # noqa: E402
 from matcouple.settings import get_settings  # noqa: E402
@@ -100,6 +101,20 @@ def main() -> None:
         print(f"{t}: MAE {m['mae']:.4f}  coverage90 {m['coverage_90']:.3f}  miscal. area "
               f"{m['miscalibration_area']:.3f}  Spearman {m['spearman_abs_error_sigma']:.3f}"
               f"  NLL {m['nll']:.3f}")
+    if "formation_energy_per_atom" in targets:
+        # What the design policy promises: of the predictions accepted at tau, the share
+        # within the error bound (the reference labels stand in for DFT checks).
+        j = targets.index("formation_energy_per_atom")
+        policy = accepted_accuracy(pred[:, j] - y[:, j], sig[:, j])
+        result["design_policy"] = policy
+        if policy["accepted"]:
+            print(f"design policy: tau {policy['tau']:.3f} eV/atom accepts "
+                  f"{policy['accepted']}/{policy['n']} ({policy['accepted_fraction']:.1%}); "
+                  f"{policy['within_bound_of_accepted']:.1%} of those within "
+                  f"{policy['error_bound']} eV/atom (MAE {policy['mae_of_accepted']:.4f}); "
+                  f"{policy['within_bound_of_all']:.1%} of all")
+        else:
+            print(f"design policy: tau {policy['tau']:.3f} eV/atom accepts none")
     print(f"throughput: {result['structures_per_s']:.1f} structures/s end to end "
           f"({len(items)} structures, {predictor.mode}, {result['device']}, "
           f"{a.workers} graph worker(s); {cpu_seconds:.1f} CPU-s of this process; "

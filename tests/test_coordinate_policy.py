@@ -45,3 +45,21 @@ def test_match_probability_gate():
     assert decide(0.01, tau, p_match=0.3, p_match_min=0.2).action == ACCEPT
     assert decide(0.01, tau, p_match=float("nan")).action == DFT
     assert decide(0.5, tau, p_match=0.99).action == DFT  # sigma still decides
+
+
+def test_accepted_accuracy_by_hand():
+    from matcouple.coordinate.policy import accepted_accuracy
+
+    errors = [0.01, -0.2, 0.05, 0.5, float("nan"), 0.13]
+    sigmas = [0.02, 0.05, 0.06, 0.3, 0.01, 0.07]
+    out = accepted_accuracy(errors, sigmas, tau=0.073, error_bound=0.12)
+    # accepted rows (finite, sigma <= tau): 0.01, -0.2, 0.05, 0.13 -> 2 of 4 within 0.12
+    assert out["n"] == 5 and out["accepted"] == 4
+    assert out["accepted_fraction"] == pytest.approx(0.8)
+    assert out["within_bound_of_accepted"] == pytest.approx(0.5)
+    assert out["mae_of_accepted"] == pytest.approx((0.01 + 0.2 + 0.05 + 0.13) / 4)
+    assert out["within_bound_of_all"] == pytest.approx(2 / 5)
+    none = accepted_accuracy([0.3], [0.5], tau=0.073, error_bound=0.12)
+    assert none["accepted"] == 0 and none["within_bound_of_accepted"] is None
+    with pytest.raises(PolicyError):
+        accepted_accuracy([0.1, 0.2], [0.1], tau=0.07)

@@ -82,3 +82,31 @@ def decide(sigma: float | None, tau: float, p_match: float | None = None,
     if sigma <= tau:
         return Decision(ACCEPT, f"sigma {sigma:.3f} <= tau {tau:.3f}", sigma, tau, p_match)
     return Decision(DFT, f"sigma {sigma:.3f} > tau {tau:.3f}", sigma, tau, p_match)
+
+
+def accepted_accuracy(errors, sigmas, tau: float | None = None,
+                      error_bound: float | None = None) -> dict[str, float | int | None]:
+    """What the policy promises, checked on labelled data: of the predictions it would
+    accept (sigma <= tau), the share whose |error| is within the error bound.
+
+    ``errors`` are prediction - reference and ``sigmas`` the calibrated sigmas (eV/atom);
+    rows with a non-finite error or sigma are left out. With no accepted row the shares
+    are None (nothing was promised)."""
+    import numpy as np
+
+    tau = default_tau() if tau is None else float(tau)
+    bound = get_settings().design_error_bound if error_bound is None else float(error_bound)
+    err, sig = np.asarray(errors, dtype=float), np.asarray(sigmas, dtype=float)
+    if err.shape != sig.shape:
+        raise PolicyError(f"{err.size} errors but {sig.size} sigmas")
+    keep = np.isfinite(err) & np.isfinite(sig)
+    err, sig = err[keep], sig[keep]
+    accepted = sig <= tau
+    n_acc = int(accepted.sum())
+    within = np.abs(err[accepted]) <= bound
+    return {"tau": tau, "error_bound": bound, "n": int(err.size), "accepted": n_acc,
+            "accepted_fraction": (n_acc / err.size) if err.size else None,
+            "within_bound_of_accepted": float(within.mean()) if n_acc else None,
+            "mae_of_accepted": float(np.abs(err[accepted]).mean()) if n_acc else None,
+            "within_bound_of_all": float((np.abs(err) <= bound).mean()) if err.size
+            else None}
