@@ -25,7 +25,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from matcouple.coordinate.policy import accepted_accuracy  # noqa: E402
+from matcouple.coordinate.policy import (  # noqa: E402
+    accepted_accuracy,
+    tau_keeping_promise,
+)
 from matcouple.datasets import ID_COLUMNS, read_table  # noqa: E402
 from matcouple.errors import MatcoupleError  # noqa: E402
 from matcouple.settings import get_settings  # noqa: E402
@@ -34,6 +37,45 @@ from matcouple.surrogate.predict import SurrogatePredictor  # noqa: E402
 from matcouple.surrogate.uncertainty import calibration_metrics  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def empirical_tau(err: np.ndarray, sig: np.ndarray, plot: Path) -> dict:
+    """tau fitted on one seeded half so that >= 90% of accepted are within the bound,
+    then checked on the other half; plus the curve (share accepted vs share within)."""
+    order = np.random.default_rng(0).permutation(len(err))
+    fit, check = order[: len(err) // 2], order[len(err) // 2:]
+    tau = tau_keeping_promise(err[fit], sig[fit])
+    out = {"fitted_on": len(fit), "checked_on": len(check), "tau": tau,
+           "check": accepted_accuracy(err[check], sig[check], tau=tau) if tau else None}
+    if tau:
+        c = out["check"]
+        print(f"empirical tau (fit on half): {tau:.4f} eV/atom; on the other half it accepts "
+              f"{c['accepted_fraction']:.1%}, {c['within_bound_of_accepted']:.1%} of those "
+              "within the bound")
+    else:
+        print("empirical tau: no tau keeps the 90% promise on the fitting half")
+    taus = np.quantile(sig, np.linspace(0.02, 1.0, 50))
+    curve = [accepted_accuracy(err, sig, tau=float(t)) for t in taus]
+    out["curve"] = [{k: c[k] for k in ("tau", "accepted_fraction",
+                                        "within_bound_of_accepted")} for c in curve]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        ax.plot([c["accepted_fraction"] for c in curve],
+                [c["within_bound_of_accepted"] for c in curve], "o-", ms=3)
+        ax.axhline(0.9, color="k", ls="--", lw=1)
+        ax.set_xlabel("share of predictions accepted (sigma <= tau)")
+        ax.set_ylabel(f"share of accepted within {curve[0]['error_bound']} eV/atom")
+        fig.tight_layout()
+        fig.savefig(plot, dpi=110)
+        plt.close(fig)
+    except ImportError:
+        pass
+    return out
 
 
 def main() -> None:
@@ -115,6 +157,9 @@ def main() -> None:
                   f"{policy['within_bound_of_all']:.1%} of all")
         else:
             print(f"design policy: tau {policy['tau']:.3f} eV/atom accepts none")
+        result["design_policy_empirical"] = empirical_tau(pred[:, j] - y[:, j], sig[:, j],
+                                                          a.out.with_name(
+                                                              a.out.stem + "_policy.png"))
     print(f"throughput: {result['structures_per_s']:.1f} structures/s end to end "
           f"({len(items)} structures, {predictor.mode}, {result['device']}, "
           f"{a.workers} graph worker(s); {cpu_seconds:.1f} CPU-s of this process; "

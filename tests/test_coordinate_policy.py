@@ -63,3 +63,19 @@ def test_accepted_accuracy_by_hand():
     assert none["accepted"] == 0 and none["within_bound_of_accepted"] is None
     with pytest.raises(PolicyError):
         accepted_accuracy([0.1, 0.2], [0.1], tau=0.07)
+
+
+def test_tau_keeping_promise_by_hand():
+    from matcouple.coordinate.policy import tau_keeping_promise
+
+    sigmas = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]
+    errors = [0.0, 0.05, 0.3, 0.0, 0.0, 0.5]
+    # within 0.12 among sigma <= tau: 1/1, 2/2, 2/3, 3/4, 4/5, 4/6
+    assert tau_keeping_promise(errors, sigmas, 0.12, 0.8, min_accepted=1) == 0.05
+    assert tau_keeping_promise(errors, sigmas, 0.12, 0.6, min_accepted=1) == 0.06
+    assert tau_keeping_promise(errors, sigmas, 0.12, 0.85, min_accepted=1) == 0.02
+    assert tau_keeping_promise(errors, sigmas, 0.12, 0.9, min_accepted=1) == 0.02
+    assert tau_keeping_promise(errors, sigmas, 0.12, 0.9, min_accepted=3) is None
+    # ties: a tau of 0.02 would take both rows of sigma 0.02 (one bad): 2/3 < 0.9
+    assert tau_keeping_promise([0.0, 0.0, 0.5], [0.01, 0.02, 0.02], 0.12, 0.9,
+                               min_accepted=1) == 0.01

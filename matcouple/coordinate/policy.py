@@ -110,3 +110,29 @@ def accepted_accuracy(errors, sigmas, tau: float | None = None,
             "mae_of_accepted": float(np.abs(err[accepted]).mean()) if n_acc else None,
             "within_bound_of_all": float((np.abs(err) <= bound).mean()) if err.size
             else None}
+
+
+def tau_keeping_promise(errors, sigmas, error_bound: float | None = None,
+                        confidence: float | None = None, min_accepted: int = 30
+                        ) -> float | None:
+    """The largest tau at which, on labelled data, at least ``confidence`` of the accepted
+    predictions are within ``error_bound``: an empirical alternative to bound / z for a
+    surrogate whose sigma ranks its errors weakly. None when no tau accepting at least
+    ``min_accepted`` rows keeps the promise."""
+    import numpy as np
+
+    s = get_settings()
+    bound = s.design_error_bound if error_bound is None else float(error_bound)
+    level = s.design_confidence if confidence is None else float(confidence)
+    err, sig = np.asarray(errors, dtype=float), np.asarray(sigmas, dtype=float)
+    if err.shape != sig.shape:
+        raise PolicyError(f"{err.size} errors but {sig.size} sigmas")
+    keep = np.isfinite(err) & np.isfinite(sig)
+    order = np.argsort(sig[keep], kind="stable")
+    sig_sorted = sig[keep][order]
+    hits = np.cumsum(np.abs(err[keep][order]) <= bound)
+    counts = np.arange(1, len(order) + 1)
+    # a tau must take all rows of equal sigma together: look at the last of each run
+    last = np.r_[sig_sorted[1:] != sig_sorted[:-1], True] if len(order) else np.array([])
+    ok = last & (counts >= min_accepted) & (hits >= level * counts)
+    return float(sig_sorted[ok].max()) if ok.any() else None
