@@ -23,6 +23,34 @@ from matcouple.store.server import EmbeddedServer  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def missing_datasets(*keys: str) -> list[str]:
+    """The data sets (``Settings.datasets`` keys) whose files are not in the data folder."""
+    from matcouple.settings import get_settings
+
+    s = get_settings()
+    return [k for k in keys if not (s.data_dir / s.datasets[k]).exists()]
+
+
+def _missing_reason(missing: list[str]) -> str:
+    from matcouple.settings import get_settings
+
+    return f"data sets {missing} not in {get_settings().data_dir} (set MATCOUPLE_DATA_DIR)"
+
+
+def requires_data(*keys: str) -> pytest.MarkDecorator:
+    """Skip a test where the data sets it reads are absent (a clone with no ../shared/data
+    beside it and no MATCOUPLE_DATA_DIR), saying which and where they were looked for."""
+    missing = missing_datasets(*keys)
+    return pytest.mark.skipif(bool(missing), reason=_missing_reason(missing))
+
+
+def skip_without_data(*keys: str) -> None:
+    """The same inside a fixture (marks on fixtures have no effect)."""
+    missing = missing_datasets(*keys)
+    if missing:
+        pytest.skip(_missing_reason(missing))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

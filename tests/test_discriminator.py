@@ -26,6 +26,7 @@ from matcouple.coordinate.discriminator_metrics import (
 )
 from matcouple.errors import CheckpointError, DatasetError, StructureInputError
 from matcouple.settings import get_settings
+from tests.conftest import skip_without_data
 
 
 def _perturbed(structure: Structure, amplitude: float, seed: int = 0) -> Structure:
@@ -110,6 +111,7 @@ def test_precision_and_calibration_by_hand():
 @pytest.fixture(scope="module")
 def perov_samples(tmp_path_factory):
     """Real CSP samples: 12 Perov-5 compositions x 4 samples from the small CPU model."""
+    skip_without_data("perov5")
     path = tmp_path_factory.mktemp("discrim") / "perov.jsonl.gz"
     checkpoint = get_settings().root / "models/generator/perov5_cpu.pt"
     summary = generate_sample_set(SampleSetConfig(

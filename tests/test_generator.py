@@ -28,6 +28,7 @@ from matcouple.errors import CheckpointError, GenerationError
 from matcouple.settings import get_settings
 from matcouple.store.connection import open_database, open_launchpad
 from matcouple.structures.filters import FILTER_NAMES
+from tests.conftest import requires_data, skip_without_data
 
 BIN = Path(sys.executable).parent
 TINY = DenoiserConfig(hidden=32, layers=2, frequencies=8, time_dim=16)
@@ -45,12 +46,14 @@ def _tiny_config(**changes) -> TrainConfig:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny model trained for 40 steps on 96 Perov-5 crystals, exported as a release file."""
+    skip_without_data("perov5")
     base = tmp_path_factory.mktemp("gen")
     train(base / "train.pt", _tiny_config(), TINY, minutes=5, max_steps=40, progress=False)
     export_release(base / "train.pt", base / "release.pt")
     return base / "release.pt"
 
 
+@requires_data("perov5")
 def test_training_reduces_the_loss_and_resumes(tmp_path):
     out = tmp_path / "t.pt"
     config = _tiny_config(batch_size=64)

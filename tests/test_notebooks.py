@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import requires_data
+
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
+@requires_data("mp2018", "mp2018-ci")
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[n.name for n in NOTEBOOKS])
 def test_notebook_runs(notebook, cli_env, tmp_path):
     cells = json.loads(notebook.read_text())["cells"]

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from statistics import NormalDist
 
+import numpy as np
+
 from matcouple.errors import MatcoupleError
 from matcouple.settings import get_settings
 
@@ -84,6 +86,15 @@ def decide(sigma: float | None, tau: float, p_match: float | None = None,
     return Decision(DFT, f"sigma {sigma:.3f} > tau {tau:.3f}", sigma, tau, p_match)
 
 
+def _finite_pairs(errors, sigmas) -> tuple[np.ndarray, np.ndarray]:
+    """Errors and sigmas as arrays of one length, rows with a non-finite value dropped."""
+    err, sig = np.asarray(errors, dtype=float), np.asarray(sigmas, dtype=float)
+    if err.shape != sig.shape:
+        raise PolicyError(f"{err.size} errors but {sig.size} sigmas")
+    keep = np.isfinite(err) & np.isfinite(sig)
+    return err[keep], sig[keep]
+
+
 def accepted_accuracy(errors, sigmas, tau: float | None = None,
                       error_bound: float | None = None) -> dict[str, float | int | None]:
     """What the policy promises, checked on labelled data: of the predictions it would
@@ -92,15 +103,9 @@ def accepted_accuracy(errors, sigmas, tau: float | None = None,
     ``errors`` are prediction - reference and ``sigmas`` the calibrated sigmas (eV/atom);
     rows with a non-finite error or sigma are left out. With no accepted row the shares
     are None (nothing was promised)."""
-    import numpy as np
-
     tau = default_tau() if tau is None else float(tau)
     bound = get_settings().design_error_bound if error_bound is None else float(error_bound)
-    err, sig = np.asarray(errors, dtype=float), np.asarray(sigmas, dtype=float)
-    if err.shape != sig.shape:
-        raise PolicyError(f"{err.size} errors but {sig.size} sigmas")
-    keep = np.isfinite(err) & np.isfinite(sig)
-    err, sig = err[keep], sig[keep]
+    err, sig = _finite_pairs(errors, sigmas)
     accepted = sig <= tau
     n_acc = int(accepted.sum())
     within = np.abs(err[accepted]) <= bound
@@ -119,20 +124,15 @@ def tau_keeping_promise(errors, sigmas, error_bound: float | None = None,
     predictions are within ``error_bound``: an empirical alternative to bound / z for a
     surrogate whose sigma ranks its errors weakly. None when no tau accepting at least
     ``min_accepted`` rows keeps the promise."""
-    import numpy as np
-
     s = get_settings()
     bound = s.design_error_bound if error_bound is None else float(error_bound)
     level = s.design_confidence if confidence is None else float(confidence)
-    err, sig = np.asarray(errors, dtype=float), np.asarray(sigmas, dtype=float)
-    if err.shape != sig.shape:
-        raise PolicyError(f"{err.size} errors but {sig.size} sigmas")
-    keep = np.isfinite(err) & np.isfinite(sig)
-    order = np.argsort(sig[keep], kind="stable")
-    sig_sorted = sig[keep][order]
-    hits = np.cumsum(np.abs(err[keep][order]) <= bound)
+    err, sig = _finite_pairs(errors, sigmas)
+    order = np.argsort(sig, kind="stable")
+    sig_sorted = sig[order]
+    hits = np.cumsum(np.abs(err[order]) <= bound)
     counts = np.arange(1, len(order) + 1)
     # a tau must take all rows of equal sigma together: look at the last of each run
-    last = np.r_[sig_sorted[1:] != sig_sorted[:-1], True] if len(order) else np.array([])
+    last = np.r_[sig_sorted[1:] != sig_sorted[:-1], True] if len(order) else np.zeros(0, bool)
     ok = last & (counts >= min_accepted) & (hits >= level * counts)
     return float(sig_sorted[ok].max()) if ok.any() else None
