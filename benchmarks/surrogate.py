@@ -87,7 +87,8 @@ def main() -> None:
     p.add_argument("--split", default="val")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--models", type=Path, default=None, help="folder with a model card")
-    p.add_argument("--mc-samples", type=int, default=0)
+    p.add_argument("--mc-samples", type=int, default=None,
+                   help="MC-dropout passes per member (default: Settings; 0 = dropout off)")
     p.add_argument("--device", default=None)
     p.add_argument("--batch-size", type=int, default=None,
                    help="default: Settings.predict_batch_size_cpu / _gpu")

@@ -64,6 +64,13 @@ class Settings:
     # tensors in cache (2-core EPYC: batch 16 is 2x faster per structure than 256).
     predict_batch_size_cpu: int = 16
     predict_batch_size_gpu: int = 512
+    # MC-dropout passes per ensemble member at prediction ($MATCOUPLE_MC_SAMPLES; 0 = dropout
+    # off, the fast mode). Measured on the MEGNet val split (benchmarks/sigma_study.py): the
+    # MC mean is more accurate than the dropout-off value and its sigma ranks the errors, so
+    # it is what the design policy trusts. The seed makes MC predictions reproducible.
+    surrogate_mc_samples: int = field(default_factory=lambda: int(
+        os.environ.get("MATCOUPLE_MC_SAMPLES", "8")))
+    surrogate_mc_seed: int = 0
     # Cache of crystal graphs built from data tables (speeds up repeated training).
     graph_cache_dir: Path = Path.home() / ".cache" / "matcouple" / "graphs"
     datasets: dict[str, str] = field(

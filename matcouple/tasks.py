@@ -57,7 +57,7 @@ class ScreenTask(FiretaskBase):
 
 
 @functools.lru_cache(maxsize=2)
-def _predictor(model_dir: str | None, mc_samples: int):
+def _predictor(model_dir: str | None, mc_samples: int | None):
     from matcouple.surrogate.predict import SurrogatePredictor
 
     return SurrogatePredictor.default(mc_samples=mc_samples,
@@ -72,7 +72,8 @@ class PredictTask(FiretaskBase):
     optional_params = ["collection", "mc_samples", "model_dir", "launchpad_file", "run"]
 
     def run_task(self, fw_spec: dict) -> FWAction:
-        predictor = _predictor(self.get("model_dir"), int(self.get("mc_samples", 0)))
+        mc = self.get("mc_samples")
+        predictor = _predictor(self.get("model_dir"), None if mc is None else int(mc))
         items = [(item["id"], as_structure(item["structure"])) for item in self["structures"]]
         rows = predictor.predict(items)
         collection = self.get("collection", get_settings().predictions_collection)

@@ -54,18 +54,21 @@ def prediction_workflow(
     structures: Sequence[tuple[str, Structure]],
     *,
     batch_size: int = 256,
-    mc_samples: int = 0,
+    mc_samples: int | None = None,
     category: str | None = "ai",
     launchpad_file: str | None = None,
     run: str | None = None,
 ) -> Workflow:
-    """Crysformer predictions for ``(id, structure)`` pairs, one Firework per batch."""
+    """Crysformer predictions for ``(id, structure)`` pairs, one Firework per batch
+    (``mc_samples`` None: the worker's ``Settings.surrogate_mc_samples``)."""
     if not structures:
         raise ValueError("no structures to predict")
     fireworks = []
     for i, batch in enumerate(_batches(list(structures), batch_size)):
         params: dict = {"structures": [{"id": sid, "structure": s.as_dict()}
-                                       for sid, s in batch], "mc_samples": mc_samples}
+                                       for sid, s in batch]}
+        if mc_samples is not None:
+            params["mc_samples"] = mc_samples
         if launchpad_file:
             params["launchpad_file"] = launchpad_file
         if run:

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from pymatgen.core import Lattice, Structure
 
+from matcouple.errors import MatcoupleError
 from matcouple.store.connection import open_database, open_launchpad
 from matcouple.surrogate.predict import SurrogatePredictor
 from matcouple.workflows import prediction_workflow
@@ -21,11 +22,18 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def predictor() -> SurrogatePredictor:
+    """The default mode: 3 members x 8 MC-dropout passes (Settings.surrogate_mc_samples)."""
     return SurrogatePredictor.default()
 
 
+@pytest.fixture(scope="module")
+def fast_predictor() -> SurrogatePredictor:
+    """Dropout off: deterministic, what --mc-samples 0 gives."""
+    return SurrogatePredictor.default(mc_samples=0)
+
+
 def test_shipped_models_are_calibrated_and_physical(predictor, silicon, rocksalt):
-    assert predictor.calibrated and predictor.mode == "ensemble3"
+    assert predictor.calibrated and predictor.mode == "ensemble3+mc8"
     nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"],
                                      [[0, 0, 0], [0.5, 0.5, 0.5]])
     rows = {r.id: r for r in predictor.predict([("si", silicon), ("mgo", rocksalt),
@@ -40,9 +48,11 @@ def test_shipped_models_are_calibrated_and_physical(predictor, silicon, rocksalt
     assert all(r.sigmas[t] > 0 for r in rows.values() for t in predictor.targets)
 
 
-def test_batch_size_does_not_change_predictions(predictor, silicon, rocksalt):
+def test_batch_size_does_not_change_predictions(fast_predictor, silicon, rocksalt):
     """The CPU default batch (small, for cache) and a big one give the same numbers, and
     graphs of different sizes batched together do not leak into each other."""
+    predictor = fast_predictor
+    assert predictor.calibrated and predictor.mode == "ensemble3"
     items = [(f"s{k}", s) for k, s in enumerate([silicon, rocksalt, silicon * (2, 1, 1),
                                                   rocksalt * (1, 2, 2), silicon] * 3)]
     assert predictor.default_batch_size == 16  # CPU in tests
@@ -58,6 +68,29 @@ def test_batch_size_does_not_change_predictions(predictor, silicon, rocksalt):
     for k in (0, 2, 4):
         t = "formation_energy_per_atom"
         assert default[k].values[t] == pytest.approx(default[0].values[t], abs=1e-3)
+
+
+def test_mc_dropout_is_seeded_and_leaves_the_callers_random_state(predictor, fast_predictor,
+                                                                   silicon, rocksalt):
+    """MC predictions repeat exactly for the same inputs, do not consume the caller's
+    random numbers, differ from dropout-off only by MC noise, and carry their own
+    calibration (a different scale from the dropout-off mode)."""
+    import torch
+
+    items = [("si", silicon), ("mgo", rocksalt), ("si2", silicon * (2, 1, 1))]
+    state = torch.random.get_rng_state()
+    first = predictor.predict(items)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    again = predictor.predict(items)
+    off = fast_predictor.predict(items)
+    t = "formation_energy_per_atom"
+    for a, b, c in zip(first, again, off, strict=True):
+        assert a.values == b.values and a.sigmas == b.sigmas
+        assert abs(a.values[t] - c.values[t]) < 0.15
+        assert a.sigmas[t] > 0
+    assert predictor.scales[t] != pytest.approx(fast_predictor.scales[t], rel=0.05)
+    with pytest.raises(MatcoupleError, match="mc_samples"):
+        SurrogatePredictor.default(mc_samples=1)
 
 
 def test_cli_predict_files_folder_and_csv(tmp_path, silicon, rocksalt):
@@ -98,4 +131,4 @@ def test_predict_task_through_rlaunch(launchpad_config, cli_env, tmp_path, silic
     mgo = docs["mgo"]["predictions"]["formation_energy_per_atom"]
     assert mgo["value"] < -2.0 and mgo["sigma"] > 0
     assert docs["si"]["model_version"] == SurrogatePredictor.default().version
-    assert docs["si"]["uncertainty_mode"] == "ensemble3" and docs["si"]["calibrated"]
+    assert docs["si"]["uncertainty_mode"] == "ensemble3+mc8" and docs["si"]["calibrated"]

@@ -49,8 +49,9 @@ def test_export_and_predict_with_two_members(tmp_path, silicon):
     rows = predictor.predict([("si", silicon), ("bad", ValueError("unreadable"))])
     assert rows[1].error == "unreadable" and rows[0].error is None
     assert rows[0].sigmas["band_gap"] > 0 and rows[0].values["band_gap"] >= 0
+    assert predictor.mode == "ensemble2+mc8" and not predictor.calibrated  # no card
     with pytest.raises(MatcoupleError, match="needs >= 2"):
-        SurrogatePredictor([tmp_path / "m1.pt"])
+        SurrogatePredictor([tmp_path / "m1.pt"], mc_samples=0)
     mc = SurrogatePredictor([tmp_path / "m1.pt"], mc_samples=2)
     assert mc.mode == "ensemble1+mc2"
     with pytest.raises(MatcoupleError, match="not found"):

@@ -61,10 +61,11 @@ class MatchClassifier(nn.Module):
 
 @lru_cache(maxsize=1)
 def shipped_surrogate():
-    """The shipped Crysformer ensemble, loaded once per process (loading compiles it)."""
+    """The shipped Crysformer ensemble, loaded once per process (loading compiles it), with
+    dropout off: the discriminator was trained on that mode's value and sigma."""
     from matcouple.surrogate.predict import SurrogatePredictor
 
-    return SurrogatePredictor.default()
+    return SurrogatePredictor.default(mc_samples=0)
 
 
 def default_model_path() -> Path:

@@ -10,7 +10,8 @@ replacements.
 Validation data: a fixed slice (the first ``val_size`` rows of at most ``max_atoms``
 atoms) of the MEGNet val split plus a held-out share of the buffer (chosen by a hash of
 each entry, so it is stable). On them the new ensemble's sigma is recalibrated
-(``surrogate.uncertainty``) and both the current and the new model are scored.
+(``surrogate.uncertainty``) and both the current and the new model are scored, in the mode
+the design policy predicts with (``Settings.surrogate_mc_samples`` MC-dropout passes).
 
 Promotion rule (``promotion_decision``; tolerances in ``Settings.finetune_*``): with MAE
 the formation-energy mean absolute error of the ensemble mean, the new version is
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 from pymatgen.core import Structure
 from pymongo.database import Database
-from torch_geometric.data import Batch, Data
+from torch_geometric.data import Data
 from torch_geometric.loader import DataLoader
 from tqdm import tqdm
 
@@ -52,7 +53,7 @@ from matcouple.settings import get_settings
 from matcouple.store.registry import REFUSED, ModelRegistry
 from matcouple.surrogate.data import load_graphs
 from matcouple.surrogate.graph import GraphSpec, structure_to_graph
-from matcouple.surrogate.predict import NON_NEGATIVE, load_model
+from matcouple.surrogate.predict import NON_NEGATIVE, SurrogatePredictor, load_model
 from matcouple.surrogate.train import _atomic_save, _lr_factor, train_epoch
 from matcouple.surrogate.uncertainty import combine, cross_fitted_calibration
 
@@ -79,6 +80,7 @@ class FineTuneConfig:
     holdout_tolerance: float
     replay_data: str
     max_atoms: int | None = None
+    mc_samples: int = 0  # MC passes of the mode scored and recalibrated (from_settings: 8)
     seed: int = 0
     device: str | None = None
     progress: bool = False
@@ -96,7 +98,7 @@ class FineTuneConfig:
                    val_tolerance=s.finetune_val_tolerance,
                    holdout_tolerance=s.finetune_holdout_tolerance,
                    replay_data=str(s.data_dir / s.datasets["mp2018"]),
-                   max_atoms=s.finetune_max_atoms)
+                   max_atoms=s.finetune_max_atoms, mc_samples=s.surrogate_mc_samples)
         return replace(base, **overrides)
 
 
@@ -158,25 +160,18 @@ def entry_graphs(entries: list[dict], spec: GraphSpec, targets: tuple[str, ...]
 
 # ---------------------------------------------------------------- evaluation
 @torch.no_grad()
-def member_predictions(models: list, blobs: list[dict], graphs: list[Data],
-                       device: torch.device, batch_size: int = 128) -> np.ndarray:
-    """Predictions of each member in physical units, dropout off: (M, N, T)."""
-    out = []
-    for model, blob in zip(models, blobs, strict=True):
-        model.eval()
-        mean, std = blob["norm_mean"].to(device), blob["norm_std"].to(device)
-        parts = []
-        for start in range(0, len(graphs), batch_size):
-            batch = Batch.from_data_list(graphs[start:start + batch_size]).to(device)
-            pred = model(batch.z, batch.edge_index, batch.edge_vec, batch.batch,
-                         batch.num_graphs)
-            parts.append((pred * std + mean).cpu())
-        out.append(torch.cat(parts).numpy())
-    return np.stack(out)
+def member_outputs(models: list, blobs: list[dict], graphs: list[Data], device: torch.device,
+                   mc_samples: int, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Each member's mean and MC variance in physical units, (M, N, T) each, in the mode
+    the design policy predicts with (``mc_samples`` MC-dropout passes; 0 = dropout off)."""
+    predictor = SurrogatePredictor.from_models(models, blobs, device=device,
+                                               mc_samples=mc_samples)
+    return predictor.member_outputs(graphs, batch_size)
 
 
-def _ensemble(preds: np.ndarray, targets: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    mean, sigma = combine(preds, np.zeros_like(preds))
+def _ensemble(means: np.ndarray, variances: np.ndarray, targets: tuple[str, ...]
+              ) -> tuple[np.ndarray, np.ndarray]:
+    mean, sigma = combine(means, variances)
     for j, t in enumerate(targets):
         if t in NON_NEGATIVE:
             mean[:, j] = np.maximum(mean[:, j], 0.0)
@@ -195,7 +190,7 @@ def _mae(pred: np.ndarray, truth: np.ndarray, targets: tuple[str, ...]) -> dict[
 def score(preds: np.ndarray, truth: np.ndarray, n_val: int, targets: tuple[str, ...]
           ) -> dict[str, dict[str, float]]:
     """MAE of the ensemble mean on the val slice (first ``n_val`` rows) and the rest."""
-    mean, _ = _ensemble(preds, targets)
+    mean, _ = _ensemble(preds, np.zeros_like(preds), targets)
     metrics = {"val": _mae(mean[:n_val], truth[:n_val], targets)}
     metrics["holdout"] = _mae(mean[n_val:], truth[n_val:], targets) if len(truth) > n_val \
         else {}
@@ -292,8 +287,8 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     eval_graphs = val + held
     lap("graphs")
     truth = torch.cat([g.y for g in eval_graphs]).numpy()
-    current_metrics = score(member_predictions(models, blobs, eval_graphs, device), truth,
-                            len(val), targets)
+    current_metrics = score(member_outputs(models, blobs, eval_graphs, device,
+                                           config.mc_samples)[0], truth, len(val), targets)
     lap("evaluate_current")
 
     train_graphs = buffer_train * max(config.buffer_repeat, 1) + replay
@@ -323,11 +318,12 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
                           "finetune": {"parent": parent, "epochs": config.epochs,
                                        "lr": config.lr, "train_losses": losses}})
     lap("train")
-    preds = member_predictions(models, new_blobs, eval_graphs, device)
+    preds, variances = member_outputs(models, new_blobs, eval_graphs, device,
+                                      config.mc_samples)
     new_metrics = score(preds, truth, len(val), targets)
 
-    mean, sigma = _ensemble(preds, targets)
-    mode = f"ensemble{len(models)}"
+    mean, sigma = _ensemble(preds, variances, targets)
+    mode = f"ensemble{len(models)}" + (f"+mc{config.mc_samples}" if config.mc_samples else "")
     calibration: dict[str, Any] = {"n": len(eval_graphs)}
     for j, t in enumerate(targets):
         known = ~np.isnan(truth[:, j])
@@ -352,7 +348,7 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
         **card, "members": card["members"], "calibration": {mode: calibration},
         "calibration_note": f"recalibrated after fine-tuning ({mode} only; other modes "
                             "are uncalibrated)",
-        "val_mae_ensemble": new_metrics["val"],
+        "val_mae": {mode: new_metrics["val"]}, "default_mode": mode,
         "member_val_mae": [_mae(p[: len(val)], truth[: len(val)], targets) for p in preds],
         "member_epochs": [b["epochs_trained"] for b in new_blobs],
         "finetune": {"parent": parent, "config": asdict(config), "metrics": metrics,

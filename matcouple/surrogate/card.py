@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from matcouple.settings import get_settings
 from matcouple.surrogate.data import load_graphs
 from matcouple.surrogate.predict import SurrogatePredictor
 from matcouple.surrogate.uncertainty import cross_fitted_calibration
@@ -51,11 +52,16 @@ def _plot(errors: np.ndarray, sigma: np.ndarray, truth: np.ndarray, pred: np.nda
 
 
 def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet_split",
-                     split: str = "val", mc_samples: int = 8, mc_limit: int | None = 800,
-                     device: str | None = None, progress: bool = True) -> dict:
-    """Evaluate the ensemble in ``model_dir`` on a split and write ``model_card.json``."""
+                     split: str = "val", mc_samples: int | None = None,
+                     mc_limit: int | None = None, device: str | None = None,
+                     progress: bool = True) -> dict:
+    """Evaluate the ensemble in ``model_dir`` on a split and write ``model_card.json``:
+    dropout off and with ``mc_samples`` MC passes (default ``Settings.surrogate_mc_samples``)
+    on the first ``mc_limit`` rows (default all), each mode with its calibration scales."""
     members = sorted(p.name for p in model_dir.glob("crysformer-*.pt"))
-    predictor = SurrogatePredictor([model_dir / m for m in members], device=device)
+    mc_samples = get_settings().surrogate_mc_samples if mc_samples is None else mc_samples
+    predictor = SurrogatePredictor([model_dir / m for m in members], device=device,
+                                   mc_samples=0)
     targets = predictor.targets
     graphs = load_graphs(data, targets, split_column=split_column, split=split,
                          spec=predictor.spec, progress=progress).graphs
@@ -80,7 +86,6 @@ def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet
         predictor.mc_samples = mc
         subset = graphs[:limit] if limit else graphs
         predictor.scales = dict.fromkeys(targets, 1.0)
-        torch.manual_seed(0)
         mean, sigma = predictor.predict_graphs(subset)
         y = truth[: len(subset)]
         errors = mean - y
@@ -91,10 +96,12 @@ def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet
             card["calibration"][mode][t] = {"scale": cal["scale"], "mae": float(
                 np.abs(errors[:, j]).mean()), "held_out": cal["held_out"],
                 "uncalibrated": cal["uncalibrated"]}
-        if mc == 0:
+        card["val_mae"] = card.get("val_mae", {})
+        card["val_mae"][mode] = {t: float(np.abs(errors[:, j]).mean())
+                                 for j, t in enumerate(targets)}
+        if mc == mc_samples and len(subset) == len(graphs):  # the default mode, whole split
             scales = np.array([card["calibration"][mode][t]["scale"] for t in targets])
             _plot(errors, sigma * scales, y, mean, targets, model_dir / "model_card.png")
-            card["val_mae_ensemble"] = {t: float(np.abs(errors[:, j]).mean())
-                                        for j, t in enumerate(targets)}
+            card["default_mode"] = mode
     (model_dir / "model_card.json").write_text(json.dumps(card, indent=1))
     return card

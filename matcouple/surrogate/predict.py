@@ -62,16 +62,33 @@ def _graph_or_error(structure: Structure, spec: GraphSpec) -> dict | str:
 
 
 class SurrogatePredictor:
-    """An ensemble of Crysformer models with calibrated uncertainties."""
+    """An ensemble of Crysformer models with calibrated uncertainties.
+
+    ``mc_samples`` MC-dropout passes per member (default ``Settings.surrogate_mc_samples``;
+    0 = dropout off, the fast mode). The value is then the mean over members and passes,
+    the sigma the mixture's spread, scaled by the card's calibration for that mode."""
 
     def __init__(self, model_paths: Sequence[Path], *, card: dict | None = None,
-                 device: str | None = None, mc_samples: int = 0) -> None:
+                 device: str | None = None, mc_samples: int | None = None) -> None:
         if not model_paths:
             raise MatcoupleError("no surrogate model files given")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        loaded = [load_model(Path(p), self.device) for p in model_paths]
-        self.models = [m for m, _ in loaded]
-        self.blobs = [b for _, b in loaded]
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        loaded = [load_model(Path(p), dev) for p in model_paths]
+        self._setup([m for m, _ in loaded], [b for _, b in loaded], card, dev, mc_samples)
+
+    @classmethod
+    def from_models(cls, models: Sequence[Crysformer], blobs: Sequence[dict], *,
+                    card: dict | None = None, device: torch.device,
+                    mc_samples: int | None = None) -> SurrogatePredictor:
+        """A predictor over models already in memory (e.g. members being fine-tuned)."""
+        self = cls.__new__(cls)
+        self._setup(list(models), list(blobs), card, device, mc_samples)
+        return self
+
+    def _setup(self, models: list[Crysformer], blobs: list[dict], card: dict | None,
+               device: torch.device, mc_samples: int | None) -> None:
+        self.device = device
+        self.models, self.blobs = models, blobs
         first = self.blobs[0]
         self.targets = tuple(first["model_config"]["targets"])
         self.spec = GraphSpec(**first["graph_spec"])
@@ -79,16 +96,27 @@ class SurrogatePredictor:
             if tuple(b["model_config"]["targets"]) != self.targets or \
                     GraphSpec(**b["graph_spec"]) != self.spec:
                 raise MatcoupleError("ensemble members disagree on targets or graph settings")
-        if len(self.models) < 2 and mc_samples < 2:
+        self.card = card or {}
+        self.version = self.card.get("version", "uncalibrated")
+        self.mc_samples = get_settings().surrogate_mc_samples if mc_samples is None \
+            else mc_samples
+
+    @property
+    def mc_samples(self) -> int:
+        return self._mc_samples
+
+    @mc_samples.setter
+    def mc_samples(self, value: int) -> None:
+        """Switching the mode switches to that mode's calibration scales."""
+        if value < 0 or value == 1:
+            raise MatcoupleError(f"mc_samples must be 0 (dropout off) or >= 2, got {value}")
+        if len(self.models) < 2 and value < 2:
             raise MatcoupleError("an uncertainty needs >= 2 ensemble members or "
                                  "--mc-samples >= 2")
-        self.mc_samples = mc_samples
-        self.card = card or {}
-        mode = self.mode
-        scales = self.card.get("calibration", {}).get(mode, {})
+        self._mc_samples = int(value)
+        scales = self.card.get("calibration", {}).get(self.mode, {})
         self.scales = {t: float(scales.get(t, {}).get("scale", 1.0)) for t in self.targets}
         self.calibrated = bool(scales)
-        self.version = self.card.get("version", "uncalibrated")
 
     @property
     def mode(self) -> str:
@@ -96,7 +124,7 @@ class SurrogatePredictor:
                                                  else "")
 
     @classmethod
-    def default(cls, *, device: str | None = None, mc_samples: int = 0,
+    def default(cls, *, device: str | None = None, mc_samples: int | None = None,
                 model_dir: Path | None = None) -> SurrogatePredictor:
         """The models shipped with matcouple (``Settings.surrogate_model_dir``)."""
         folder = Path(model_dir or get_settings().surrogate_model_dir)
@@ -140,9 +168,10 @@ class SurrogatePredictor:
         return s.predict_batch_size_cpu if self.device.type == "cpu" else \
             s.predict_batch_size_gpu
 
-    def predict_graphs(self, graphs: list[Data], batch_size: int | None = None
+    def member_outputs(self, graphs: list[Data], batch_size: int | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and calibrated sigma, each (N, targets), in physical units.
+        """Each member's mean and MC-dropout variance, each (members, N, targets), physical
+        units, before calibration: the parts a sigma is made of, kept apart for studies.
 
         On CPU the members run side by side, one thread each: coarse-grained parallelism
         that, unlike OpenMP threads inside each op, does not collapse when other processes
@@ -163,13 +192,28 @@ class SurrogatePredictor:
             finally:
                 torch.set_num_threads(threads)
         else:
-            outs = [self._member(*j) for j in jobs]
+            outs = self._mc_jobs(jobs) if self.mc_samples else [self._member(*j) for j in jobs]
         per = len(batches)
         means = [np.concatenate([o[0] for o in outs[k:k + per]]) for k in
                  range(0, len(outs), per)]
         variances = [np.concatenate([o[1] for o in outs[k:k + per]]) for k in
                      range(0, len(outs), per)]
-        mean, sigma = combine(np.stack(means), np.stack(variances))
+        return np.stack(means), np.stack(variances)
+
+    def _mc_jobs(self, jobs: list) -> list[tuple[np.ndarray, np.ndarray]]:
+        """MC-dropout jobs in order under ``Settings.surrogate_mc_seed``: the same inputs
+        in the same batches give the same values and sigmas, and the caller's random
+        state is left as it was."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(get_settings().surrogate_mc_seed)
+            return [self._member(*j) for j in jobs]
+
+    def predict_graphs(self, graphs: list[Data], batch_size: int | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and calibrated sigma, each (N, targets), in physical units."""
+        means, variances = self.member_outputs(graphs, batch_size)
+        mean, sigma = combine(means, variances)
         for j, t in enumerate(self.targets):
             sigma[:, j] *= self.scales[t]
             if t in NON_NEGATIVE:

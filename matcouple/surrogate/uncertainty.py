@@ -48,6 +48,20 @@ def calibration_metrics(errors: np.ndarray, sigma: np.ndarray) -> dict[str, floa
     }
 
 
+def held_out_sigmas(errors: np.ndarray, sigma: np.ndarray, seed: int = 0
+                    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Each row's sigma scaled by the factor fitted on the *other* seeded half of the set:
+    what a calibrated sigma looks like on data the calibration never saw. Also returns
+    the two halves (row indices)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(errors))
+    halves = (idx[: len(idx) // 2], idx[len(idx) // 2:])
+    out = np.empty(len(errors), dtype=float)
+    for fit_idx, test_idx in (halves, halves[::-1]):
+        out[test_idx] = fit_scale(errors[fit_idx], sigma[fit_idx]) * sigma[test_idx]
+    return out, halves
+
+
 def cross_fitted_calibration(errors: np.ndarray, sigma: np.ndarray,
                              seed: int = 0) -> dict[str, object]:
     """Fit the scale on one half of the set, score on the other half, both ways.
@@ -55,13 +69,8 @@ def cross_fitted_calibration(errors: np.ndarray, sigma: np.ndarray,
     Returns the scale fitted on all of it (what is shipped) and the held-out metrics
     (what is reported), so the coverage quoted was never used to choose the scale.
     """
-    rng = np.random.default_rng(seed)
-    idx = rng.permutation(len(errors))
-    halves = (idx[: len(idx) // 2], idx[len(idx) // 2:])
-    held_out = []
-    for fit_idx, test_idx in (halves, halves[::-1]):
-        s = fit_scale(errors[fit_idx], sigma[fit_idx])
-        held_out.append(calibration_metrics(errors[test_idx], s * sigma[test_idx]))
+    scaled, halves = held_out_sigmas(errors, sigma, seed)
+    held_out = [calibration_metrics(errors[h], scaled[h]) for h in halves[::-1]]
     report = {k: float(np.mean([h[k] for h in held_out])) for k in held_out[0]}
     return {"scale": fit_scale(errors, sigma), "held_out": report,
             "uncalibrated": calibration_metrics(errors, sigma)}
