@@ -1,7 +1,8 @@
-"""The findAndModify fix of the embedded server: same answers, no full scans."""
+"""The embedded server's compatibility fixes: the same answers as SecantusDB, less work."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pymongo
@@ -174,3 +175,372 @@ def test_acknowledged_writes_survive_sigkill(tmp_path, method):
 def test_commit_method_is_validated():
     with pytest.raises(ValueError, match="commit sync"):
         secantus_compat.set_commit_method("sometimes")
+
+
+# -- the index catalog cache ---------------------------------------------------------------
+#
+# Each test warms the cache (the same reads again and again), changes the catalog, then
+# checks behaviour that a stale catalog would get wrong: a dropped index would still be
+# read (and find nothing, its entries are gone), a dropped unique index would still refuse
+# duplicates, a new one would not, an index that became multikey would still be walked
+# for a sort (and lose the document whose array is empty).
+
+
+def _warm(coll, query: dict, times: int = 5) -> None:
+    for _ in range(times):
+        list(coll.find(query))
+        coll.count_documents(query)
+
+
+def test_catalog_cache_follows_drop_and_recreate_of_an_index(server):
+    client = pymongo.MongoClient(server.host, server.port)
+    coll = client.compat_catalog.reindex
+    coll.drop()
+    coll.insert_many([{"_id": i, "a": i % 10, "b": i} for i in range(100)])
+    coll.create_index("a", name="ix")
+    _warm(coll, {"a": 3})
+    assert coll.count_documents({"a": 3}) == 10
+    coll.drop_index("ix")
+    # A cached catalog still naming "ix" would read its (deleted) entries: nothing.
+    assert len(list(coll.find({"a": 3}))) == 10
+    assert coll.count_documents({"a": 3}) == 10
+
+    coll.create_index("b", name="ix", unique=True)  # same name, other key, unique
+    _warm(coll, {"b": 5})
+    with pytest.raises(pymongo.errors.DuplicateKeyError):
+        coll.insert_one({"_id": "dup-b", "a": 3, "b": 5})
+    coll.insert_one({"_id": "new", "a": 3, "b": 1000})
+    assert [d["_id"] for d in coll.find({"b": 1000})] == ["new"]
+    assert coll.count_documents({"a": 3}) == 11
+    assert coll.find_one_and_update({"b": 1000}, {"$set": {"seen": True}})["_id"] == "new"
+
+    coll.drop_index("ix")
+    coll.insert_one({"_id": "dup-b", "a": 3, "b": 5})  # the unique index is gone
+    coll.create_index("a", name="ix")  # and back to the first definition, not unique
+    _warm(coll, {"a": 3})
+    coll.insert_one({"_id": "dup-b2", "a": 3, "b": 5})
+    assert coll.count_documents({"a": 3}) == 13
+    assert coll.count_documents({"b": 5}) == 3
+    names = {ix["name"]: ix for ix in coll.list_indexes()}
+    assert set(names) == {"_id_", "ix"} and names["ix"]["key"] == {"a": 1}
+    assert not names["ix"].get("unique")
+    client.close()
+
+
+def test_catalog_cache_sees_an_index_become_multikey(server):
+    client = pymongo.MongoClient(server.host, server.port)
+    coll = client.compat_catalog.multikey
+    coll.drop()
+    coll.create_index("x")
+    coll.insert_many([{"_id": i, "x": (i * 7) % 5} for i in range(5)])
+    for _ in range(5):  # walked in index order while the index is not multikey
+        assert [d["x"] for d in coll.find({}, sort=[("x", 1)])] == [0, 1, 2, 3, 4]
+    plan = coll.find({}, sort=[("x", 1)]).explain()["queryPlanner"]["winningPlan"]
+    assert "IXSCAN" in str(plan) and plan["stage"] != "SORT", plan
+    coll.update_one({"_id": 0}, {"$set": {"x": []}})  # an update makes it multikey
+    # A walk of a multikey index loses {x: []} (an empty array writes no entry).
+    got = list(coll.find({}, sort=[("x", 1)]))
+    assert len(got) == 5 and got[0]["_id"] == 0, got
+    assert coll.find_one({}, sort=[("x", 1)])["_id"] == 0
+    plan = coll.find({}, sort=[("x", 1)]).explain()["queryPlanner"]["winningPlan"]
+    assert plan["stage"] == "SORT" and "IXSCAN" not in str(plan), plan  # no index walk
+    client.close()
+
+
+def test_catalog_cache_after_drop_collection_database_and_rename(server):
+    client = pymongo.MongoClient(server.host, server.port)
+    db = client.compat_catalog
+    # drop_collection, then the same name with a different index
+    db.c1.drop()
+    db.c1.create_index("k", unique=True)
+    db.c1.insert_many([{"k": i, "m": i % 3} for i in range(30)])
+    _warm(db.c1, {"k": 4})
+    db.c1.drop()
+    db.c1.create_index("m")
+    db.c1.insert_many([{"k": 1, "m": 2}, {"k": 1, "m": 2}])  # k is not unique any more
+    assert db.c1.count_documents({"m": 2}) == 2
+    assert db.c1.count_documents({"k": 1}) == 2
+
+    # drop_database
+    other = client.compat_catalog_other
+    other.c.create_index("k", unique=True)
+    other.c.insert_many([{"k": i} for i in range(10)])
+    _warm(other.c, {"k": 3})
+    client.drop_database("compat_catalog_other")
+    other.c.insert_many([{"k": 3}, {"k": 3}])
+    assert other.c.count_documents({"k": 3}) == 2
+    assert [ix["name"] for ix in other.c.list_indexes()] == ["_id_"]
+    client.drop_database("compat_catalog_other")
+
+    # rename_collection over an existing target with other indexes
+    db.src.drop()
+    db.dst.drop()
+    db.src.create_index("u", unique=True)
+    db.dst.create_index("v", unique=True)
+    db.src.insert_many([{"u": i, "v": 0} for i in range(10)])
+    db.dst.insert_many([{"u": 0, "v": i} for i in range(10)])
+    _warm(db.src, {"u": 3})
+    _warm(db.dst, {"v": 3})
+    db.src.rename("dst", dropTarget=True)
+    assert db.dst.count_documents({"v": 0}) == 10  # the target's v index is gone
+    db.dst.insert_one({"u": 100, "v": 0})  # v no longer unique
+    with pytest.raises(pymongo.errors.DuplicateKeyError):
+        db.dst.insert_one({"u": 3, "v": 1})  # u is, now
+    assert db.dst.count_documents({"u": 3}) == 1
+    db.src.insert_many([{"u": 3}, {"u": 3}])  # a new src has no index on u
+    assert db.src.count_documents({"u": 3}) == 2
+    assert [ix["name"] for ix in db.src.list_indexes()] == ["_id_"]
+    client.close()
+
+
+def test_catalog_cache_with_concurrent_index_ddl(server):
+    """One client creates and drops indexes while two others read and write; the documents
+    the readers look at never change, so every read must give the same answer whatever
+    indexes exist, and each DDL step must be enforced at once."""
+    import threading
+
+    ddl_client = pymongo.MongoClient(server.host, server.port)
+    read_client = pymongo.MongoClient(server.host, server.port)
+    coll = ddl_client.compat_catalog.race
+    coll.drop()
+    coll.insert_many([{"_id": i, "a": i % 20, "b": i % 7, "u": i, "state": "READY",
+                       "p": i % 5} for i in range(400)])
+    expect_a = {k: sum(1 for i in range(400) if i % 20 == k) for k in range(20)}
+    expect_b = {k: sum(1 for i in range(400) if i % 7 == k) for k in range(7)}
+    coll.create_index("a", name="ia")
+    coll.create_index([("state", 1), ("p", -1)], name="sp")
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def reader(k: int) -> None:
+        rc = read_client.compat_catalog.race
+        n = k
+        while not stop.is_set():
+            n += 1
+            ka, kb = n % 20, n % 7
+            got_a = len(list(rc.find({"a": ka}, {"_id": 1})))
+            got_b = rc.count_documents({"b": kb})
+            top = rc.find_one({"state": "READY"}, sort=[("p", -1)])
+            if got_a != expect_a[ka] or got_b != expect_b[kb] or top["p"] != 4:
+                errors.append(f"a={ka}: {got_a}, b={kb}: {got_b}, top p={top['p']}")
+            rc.find_one_and_update({"_id": n % 400}, {"$set": {"seen": n}})
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for round_ in range(10):
+            coll.drop_index("ia")
+            coll.create_index("u", name="ia", unique=True)  # same name, other key, unique
+            with pytest.raises(pymongo.errors.DuplicateKeyError):
+                coll.insert_one({"_id": "dup", "u": 7})
+            coll.drop_index("ia")
+            coll.insert_one({"_id": "dup", "u": 7})  # no longer refused
+            coll.delete_one({"_id": "dup"})
+            coll.create_index("a", name="ia")
+            coll.drop_index("sp")
+            coll.create_index([("state", 1), ("p", -1)], name="sp")
+            if round_ % 3 == 0:
+                coll.create_index("b", name="ib")
+                coll.drop_indexes()
+                coll.create_index("a", name="ia")
+                coll.create_index([("state", 1), ("p", -1)], name="sp")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not errors, errors[:5]
+    rc = read_client.compat_catalog.race
+    assert sorted(ix["name"] for ix in rc.list_indexes()) == ["_id_", "ia", "sp"]
+    coll.drop_index("ia")
+    assert sorted(ix["name"] for ix in rc.list_indexes()) == ["_id_", "sp"]
+    assert rc.count_documents({"a": 3}) == expect_a[3]
+    ddl_client.close()
+    read_client.close()
+
+
+# The same cache, driven through the storage API of a SecantusDB in this process, for the
+# interleavings a client cannot force: user transactions, a write batch that rolls back,
+# and a reader whose WiredTiger snapshot predates a catalog write.
+
+
+@pytest.fixture()
+def storage(tmp_path):
+    """A real SecantusDB storage in the test process, with the fixes applied."""
+    assert secantus_compat.apply()
+    from secantus.storage import Storage
+
+    st = Storage(str(tmp_path / "db"), enable_oplog=False)
+    yield st
+    st.close()
+
+
+def _uncached(st, db: str, coll: str, *, refresh: bool = True) -> list:
+    """The catalog exactly as 0.7.0b3 reads it, on this thread's session."""
+    from secantus.storage import Storage
+
+    if refresh:
+        st._refresh_read_snapshot()
+    return list(Storage._iter_indexes.__wrapped__(st, db, coll))
+
+
+_OTHER_THREAD = None
+
+
+def _in_thread(fn):
+    """Run ``fn`` on another thread, always the same one (as a server connection is), so
+    its WiredTiger session and snapshot record outlive one call."""
+    global _OTHER_THREAD
+    from concurrent.futures import ThreadPoolExecutor
+
+    if _OTHER_THREAD is None:
+        _OTHER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="other-reader")
+    return _OTHER_THREAD.submit(fn).result(timeout=60)
+
+
+def test_catalog_cache_apply_is_idempotent(storage):
+    from secantus.storage import Storage
+
+    patched = (Storage._iter_indexes, Storage._cursor, Storage._batch_transaction)
+    assert secantus_compat.apply()
+    assert (Storage._iter_indexes, Storage._cursor, Storage._batch_transaction) == patched
+
+
+def test_catalog_cache_callers_cannot_mutate_it(storage):
+    st = storage
+    st.insert("d", "c", [{"_id": 1, "a": 1, "b": 1}])
+    st.create_index("d", "c", "a_1", {"a": 1}, {"unique": True})
+    st.create_index("d", "c", "b_p", {"b": 1},
+                    {"partialFilterExpression": {"b": {"$gt": 0}},
+                     "collation": {"locale": "en", "strength": 2}})
+    st._refresh_read_snapshot()
+    before = list(st._iter_indexes("d", "c"))
+    assert before == _uncached(st, "d", "c")
+    hits = secantus_compat.catalog_cache_stats(st)["hits"]
+    for _name, key_spec, opts in st._iter_indexes("d", "c"):
+        key_spec["zzz"] = 1
+        opts.get("partialFilterExpression", {}).get("b", {})["$gt"] = 99
+        opts.get("collation", {}).clear()
+        opts.clear()
+    st._multikey_index_names("d", "c").add("a_1")  # the write paths grow this set
+    for _name, key_spec, _sparse, _unique in st._all_indexes("d", "c"):
+        key_spec.clear()
+    st._partial_filters("d", "c")["b_p"]["b"] = 5
+    st._index_options_map("d", "c")["a_1"]["unique"] = False
+    for ix in st.list_indexes("d", "c"):
+        ix["key"].clear()
+        ix.pop("unique", None)
+    assert secantus_compat.catalog_cache_stats(st)["hits"] > hits + 5  # served from cache
+    assert list(st._iter_indexes("d", "c")) == before == _uncached(st, "d", "c")
+    assert st._multikey_index_names("d", "c") == set()
+    with pytest.raises(Exception, match="11000|duplicate|E11000"):
+        st.update_matching("d", "c", {"_id": 2}, {"$set": {"a": 1}}, upsert=True)
+
+
+def test_catalog_cache_and_user_transactions(storage):
+    st = storage
+    st.insert("d", "c", [{"_id": i, "x": i} for i in range(5)])
+    st.create_index("d", "c", "x_1", {"x": 1})
+    st._refresh_read_snapshot()
+    assert not st.index_is_multikey("d", "c", "x_1")  # cached
+
+    def committed_view() -> bool:
+        st._refresh_read_snapshot()
+        try:
+            return st.index_is_multikey("d", "c", "x_1")
+        finally:
+            st.release_thread_snapshot()
+
+    for outcome in ("abort", "commit"):
+        h = st.begin_user_transaction()
+        with st.use_user_transaction(h):
+            st.insert("d", "c", [{"_id": f"arr-{outcome}", "x": [1, 2]}])
+            assert st.index_is_multikey("d", "c", "x_1")  # its own write
+        # Others still see the committed catalog while the transaction is open ...
+        assert _in_thread(committed_view) is False
+        assert committed_view() is False
+        assert secantus_compat.catalog_cache_stats(st)["inflight"] == 1
+        if outcome == "abort":
+            st.abort_user_transaction(h)
+            expect = False
+        else:
+            st.commit_user_transaction(h)
+            expect = True
+        # ... and after it ends, exactly what it left behind.
+        assert secantus_compat.catalog_cache_stats(st)["inflight"] == 0
+        for _ in range(3):
+            assert committed_view() is expect
+            assert _in_thread(committed_view) is expect
+        assert _uncached(st, "d", "c") == list(st._iter_indexes("d", "c"))
+
+
+def test_catalog_cache_and_a_write_batch_that_commits_or_rolls_back(storage):
+    """A statement that marks an index multikey: while it runs, other threads read (and may
+    cache) the committed catalog; once it commits they must see the flag, and once it
+    rolls back they must not."""
+    st = storage
+    for coll, outcome in (("c", "rollback"), ("c2", "commit")):
+
+        def committed_names(coll: str = coll) -> set:
+            st._refresh_read_snapshot()
+            try:
+                return st._multikey_index_names("d", coll)
+            finally:
+                st.release_thread_snapshot()
+
+        st.insert("d", coll, [{"_id": i, "x": i} for i in range(5)])
+        st.create_index("d", coll, "x_1", {"x": 1})
+        assert committed_names() == set()
+        with contextlib.suppress(RuntimeError), st._coll_lock("d", coll), \
+                st._batch_transaction():
+            indexes = st._all_indexes("d", coll)
+            st._maybe_mark_multikey("d", coll, {"x": [1, 2]}, indexes, set())
+            assert st._multikey_index_names("d", coll) == {"x_1"}  # its own write
+            for _ in range(3):
+                assert _in_thread(committed_names) == set()
+            if outcome == "rollback":
+                raise RuntimeError("the statement fails after marking the index")
+        assert secantus_compat.catalog_cache_stats(st)["inflight"] == 0
+        expect = {"x_1"} if outcome == "commit" else set()
+        for _ in range(3):
+            assert committed_names() == expect
+            assert _in_thread(committed_names) == expect
+        assert _uncached(st, "d", coll) == list(st._iter_indexes("d", coll))
+
+
+def test_catalog_cache_never_stores_a_catalog_from_an_older_snapshot(storage):
+    """A reader whose snapshot predates a catalog write reads the old catalog (as 0.7.0b3
+    does) but must not leave it in the cache, even though the write ended before it read."""
+    import threading
+
+    from secantus import storage as storage_mod
+
+    st = storage
+    st.insert("d", "c", [{"_id": i, "x": i} for i in range(5)])
+    st.create_index("d", "c", "x_1", {"x": 1})
+    pinned, written = threading.Event(), threading.Event()
+    seen: dict = {}
+
+    def old_reader() -> None:
+        st._refresh_read_snapshot()
+        c = st._cursor(storage_mod._COLL_TABLE)
+        c.next()  # a positioned cursor pins this session's snapshot
+        pinned.set()
+        written.wait(30)
+        seen["names"] = st._multikey_index_names("d", "c")
+        seen["exact"] = _uncached(st, "d", "c", refresh=False)
+        seen["cached"] = list(st._iter_indexes("d", "c"))
+        st.release_thread_snapshot()
+
+    t = threading.Thread(target=old_reader)
+    t.start()
+    pinned.wait(30)
+    _in_thread(lambda: st.insert("d", "c", [{"_id": "arr", "x": [1, 2]}]))  # commits
+    written.set()
+    t.join(30)
+    assert seen["names"] == set()  # the old snapshot's catalog, as without the cache
+    assert seen["cached"] == seen["exact"]
+    st._refresh_read_snapshot()
+    for _ in range(3):
+        assert st._multikey_index_names("d", "c") == {"x_1"}
+        assert _in_thread(lambda: st._multikey_index_names("d", "c")) == {"x_1"}
