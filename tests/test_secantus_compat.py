@@ -11,6 +11,7 @@ import pytest
 import secantus
 
 from matcouple.store import secantus_compat
+from matcouple.store.secantus_catalog_cache import catalog_cache_stats
 
 
 def test_filter_shapes():
@@ -416,7 +417,7 @@ def test_catalog_cache_callers_cannot_mutate_it(storage):
     st._refresh_read_snapshot()
     before = list(st._iter_indexes("d", "c"))
     assert before == _uncached(st, "d", "c")
-    hits = secantus_compat.catalog_cache_stats(st)["hits"]
+    hits = catalog_cache_stats(st)["hits"]
     for _name, key_spec, opts in st._iter_indexes("d", "c"):
         key_spec["zzz"] = 1
         opts.get("partialFilterExpression", {}).get("b", {})["$gt"] = 99
@@ -430,7 +431,7 @@ def test_catalog_cache_callers_cannot_mutate_it(storage):
     for ix in st.list_indexes("d", "c"):
         ix["key"].clear()
         ix.pop("unique", None)
-    assert secantus_compat.catalog_cache_stats(st)["hits"] > hits + 5  # served from cache
+    assert catalog_cache_stats(st)["hits"] > hits + 5  # served from cache
     assert list(st._iter_indexes("d", "c")) == before == _uncached(st, "d", "c")
     assert st._multikey_index_names("d", "c") == set()
     with pytest.raises(Exception, match="11000|duplicate|E11000"):
@@ -459,7 +460,7 @@ def test_catalog_cache_and_user_transactions(storage):
         # Others still see the committed catalog while the transaction is open ...
         assert _in_thread(committed_view) is False
         assert committed_view() is False
-        assert secantus_compat.catalog_cache_stats(st)["inflight"] == 1
+        assert catalog_cache_stats(st)["inflight"] == 1
         if outcome == "abort":
             st.abort_user_transaction(h)
             expect = False
@@ -467,7 +468,7 @@ def test_catalog_cache_and_user_transactions(storage):
             st.commit_user_transaction(h)
             expect = True
         # ... and after it ends, exactly what it left behind.
-        assert secantus_compat.catalog_cache_stats(st)["inflight"] == 0
+        assert catalog_cache_stats(st)["inflight"] == 0
         for _ in range(3):
             assert committed_view() is expect
             assert _in_thread(committed_view) is expect
@@ -500,7 +501,7 @@ def test_catalog_cache_and_a_write_batch_that_commits_or_rolls_back(storage):
                 assert _in_thread(committed_names) == set()
             if outcome == "rollback":
                 raise RuntimeError("the statement fails after marking the index")
-        assert secantus_compat.catalog_cache_stats(st)["inflight"] == 0
+        assert catalog_cache_stats(st)["inflight"] == 0
         expect = {"x_1"} if outcome == "commit" else set()
         for _ in range(3):
             assert committed_names() == expect
