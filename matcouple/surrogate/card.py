@@ -79,7 +79,7 @@ def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet
         "train_config": predictor.blobs[0]["train_config"],
         "member_val_mae": [b["val_mae"] for b in predictor.blobs],
         "member_epochs": [b["epochs_trained"] for b in predictor.blobs],
-        "calibration": {},
+        "calibration": {}, "val_mae": {},
     }
     modes = [(0, None)] + ([(mc_samples, mc_limit)] if mc_samples else [])
     for mc, limit in modes:
@@ -96,7 +96,6 @@ def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet
             card["calibration"][mode][t] = {"scale": cal["scale"], "mae": float(
                 np.abs(errors[:, j]).mean()), "held_out": cal["held_out"],
                 "uncalibrated": cal["uncalibrated"]}
-        card["val_mae"] = card.get("val_mae", {})
         card["val_mae"][mode] = {t: float(np.abs(errors[:, j]).mean())
                                  for j, t in enumerate(targets)}
         if mc == mc_samples and len(subset) == len(graphs):  # the default mode, whole split
