@@ -39,6 +39,10 @@ class CrysformerConfig:
     dropout: float = 0.1
     atom_features: int = 84
     targets: tuple[str, ...] = ("formation_energy_per_atom", "band_gap")
+    # Mean square below which an l>0 block is exactly zero by site symmetry and only holds
+    # float32 round-off; the norm layers set it to zero instead of rescaling it to O(1)
+    # (which made predictions for symmetric crystals depend on the cell's orientation).
+    zero_floor: float = 1e-8
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -64,12 +68,20 @@ class GaussianRBF(nn.Module):
 
 
 class EquivariantLayerNorm(nn.Module):
-    """LayerNorm for scalars, RMS normalisation of each l>0 block (keeps equivariance)."""
+    """LayerNorm for scalars, RMS normalisation of each l>0 block (keeps equivariance).
 
-    def __init__(self, irreps: o3.Irreps, eps: float = 1e-5) -> None:
+    A vector or tensor block that site symmetry makes zero (any centrosymmetric site has no
+    l=1 feature, a cubic one no l=2 either) arrives as float round-off of ~1e-7; rescaled
+    by 1/sqrt(eps) in every layer, that noise grew to O(1) and moved the prediction when
+    the crystal was rotated. Blocks whose mean square is at most ``zero_floor`` are
+    therefore set to zero.
+    """
+
+    def __init__(self, irreps: o3.Irreps, eps: float = 1e-5, zero_floor: float = 0.0) -> None:
         super().__init__()
         self.irreps = o3.Irreps(irreps)
         self.eps = eps
+        self.zero_floor = zero_floor
         self.weight = nn.Parameter(torch.ones(self.irreps.num_irreps))
         self.bias = nn.Parameter(torch.zeros(sum(mul for mul, ir in self.irreps if ir.l == 0)))
 
@@ -80,7 +92,10 @@ class EquivariantLayerNorm(nn.Module):
             if ir.l == 0:
                 block = block - block.mean(dim=1, keepdim=True)
             norm = block.pow(2).mean(dim=(1, 2), keepdim=True)
-            block = block * torch.rsqrt(norm + self.eps) * self.weight[w:w + mul, None]
+            scale = torch.rsqrt(norm + self.eps)
+            if ir.l > 0 and self.zero_floor > 0:
+                scale = torch.where(norm > self.zero_floor, scale, torch.zeros_like(scale))
+            block = block * scale * self.weight[w:w + mul, None]
             if ir.l == 0:
                 block = block + self.bias[b:b + mul, None]
                 b += mul
@@ -135,7 +150,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, cfg: CrysformerConfig, irreps: o3.Irreps, irreps_sh: o3.Irreps):
         super().__init__()
         self.heads = cfg.heads
-        self.norm1 = EquivariantLayerNorm(irreps)
+        self.norm1 = EquivariantLayerNorm(irreps, zero_floor=cfg.zero_floor)
         # Messages are built in a narrower space (half the channels): the per-edge tensor
         # product is the cost of the model.
         msg = o3.Irreps([(max(mul // 2, cfg.heads), ir) for mul, ir in irreps])
@@ -157,7 +172,7 @@ class AttentionBlock(nn.Module):
         self.lin_val = o3.Linear(self.tp_val.irreps_out.simplify(), irreps)
         self.att_drop = nn.Dropout(cfg.dropout)
         self.lin_out = o3.Linear(irreps, irreps)
-        self.norm2 = EquivariantLayerNorm(irreps)
+        self.norm2 = EquivariantLayerNorm(irreps, zero_floor=cfg.zero_floor)
         ffn_gate, ffn_in = _gate(irreps)
         self.ffn_in = o3.Linear(irreps, ffn_in)
         self.ffn_gate = ffn_gate
@@ -213,7 +228,7 @@ class Crysformer(nn.Module):
         self.to_irreps = o3.Linear(o3.Irreps(f"{cfg.scalars}x0e"), irreps)
         self.blocks = nn.ModuleList(
             AttentionBlock(cfg, irreps, self.irreps_sh) for _ in range(cfg.layers))
-        self.norm = EquivariantLayerNorm(irreps)
+        self.norm = EquivariantLayerNorm(irreps, zero_floor=cfg.zero_floor)
         self.n_scalar = cfg.scalars
         self.head = nn.Sequential(
             nn.Linear(cfg.scalars, cfg.scalars), nn.SiLU(), nn.Dropout(cfg.dropout),
