@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,dft,vasp]"
+	$(PY) -m pip install -q -e ".[dev,dft,vasp,mlip]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--formula-units", default="1")
     parser.add_argument("--tau", type=float, default=None)
+    parser.add_argument("--prerelax", default="", help="none or chgnet (default: settings)")
     parser.add_argument("--check", type=int, default=3,
                         help="AI-accepted candidates to check with DFT")
     parser.add_argument("--workers", type=int, default=2)
@@ -182,6 +183,7 @@ def main() -> None:
         cfg = dr.DesignConfig(
             request=req, run=run, max_iterations=args.max_iterations, max_dft=args.max_dft,
             batch_size=args.batch_size, steps=args.steps, tau=args.tau,
+            prerelax=args.prerelax,
             formula_units=[int(z) for z in args.formula_units.split(",")],
             launchpad_file=str(config.path.resolve()))
         start = time.monotonic()
@@ -195,6 +197,7 @@ def main() -> None:
         offset, offset_from = engine_offset(cfg.preset, args.offset)
         summary = {**summarize(report, checks, offset, seconds), "request": args.request,
                    "engine": cfg.engine, "preset": cfg.preset, "tau": cfg.tau,
+                   "prerelax": cfg.prerelax,
                    "offset": offset, "offset_from": offset_from,
                    "limits": {"max_iterations": cfg.max_iterations, "max_dft": cfg.max_dft,
                               "batch_size": cfg.batch_size, "steps": cfg.steps},

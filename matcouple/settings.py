@@ -205,6 +205,17 @@ class Settings:
     design_max_iterations: int = 50
     design_max_dft: int = 20
     design_steps: int = 0
+    # Pre-relaxation of generated candidates before the surrogate sees them
+    # (matcouple.directive.prerelax): "none" or "chgnet" (the `[mlip]` extra). Stage 1 moves
+    # atoms in the fixed cell, stage 2 the cell too, abandoned outside the volume bounds
+    # (x the input volume) or when atoms come closer than the minimum distance (A).
+    design_prerelax: str = field(default_factory=lambda: os.environ.get(
+        "MATCOUPLE_PRERELAX", "none"))
+    prerelax_fmax: float = 0.1
+    prerelax_position_steps: int = 60
+    prerelax_cell_steps: int = 80
+    prerelax_volume_bounds: tuple[float, float] = (0.75, 1.25)
+    prerelax_min_distance: float = 0.7
     # Formula units tried per cell (empty: every Z that fits the generator).
     design_formula_units: tuple[int, ...] = ()
     # `_category` of the model Fireworks (generate, predict/decide, file result).

@@ -92,6 +92,9 @@ def design(
                                       help="Formula units per cell, e.g. 1,2 (default: all "
                                       "that fit the generator)."),
     tau: float = typer.Option(None, help="Sigma threshold (default: 0.12 eV/atom at 90%)."),
+    prerelax: str = typer.Option(None, help="Pre-relax generated candidates before the AI "
+                                 "judges them: none or chgnet (the [mlip] extra; default "
+                                 "$MATCOUPLE_PRERELAX or none)."),
     workers: int = typer.Option(1, help="Local rlaunch workers (0: same as --no-launch)."),
     no_launch: bool = typer.Option(False, help="Only submit; run with rlaunch/qlaunch."),
     run: str = typer.Option(None, help="Run name (default: design-FORMULA-timestamp); an "
@@ -126,7 +129,7 @@ def design(
                 max_iterations=max_iterations or 0,
                 max_dft=-1 if max_dft is None else max_dft, batch_size=batch_size or 0,
                 steps=steps or 0, seed=seed, tau=tau, launchpad_file=str(config.path.resolve()),
-                formula_units=_units(formula_units))
+                formula_units=_units(formula_units), prerelax=prerelax or "")
             if llm_configured():
                 console.print("planner: LLM at $MATCOUPLE_LLM_URL chooses the tools")
                 plan_with_llm(cfg, lp, console=console)

@@ -49,6 +49,7 @@ class DesignConfig:
     tau: float | None = None
     p_match_min: float | None = None
     launchpad_file: str | None = None
+    prerelax: str = ""
 
     def resolved(self) -> DesignConfig:
         """Defaults filled in from settings (engine, preset, limits, tau)."""
@@ -64,7 +65,8 @@ class DesignConfig:
             steps=self.steps or s.design_steps or s.generation_steps, seed=self.seed,
             formula_units=list(self.formula_units or s.design_formula_units),
             tau=default_tau() if self.tau is None else float(self.tau),
-            p_match_min=self.p_match_min, launchpad_file=self.launchpad_file)
+            p_match_min=self.p_match_min, launchpad_file=self.launchpad_file,
+            prerelax=self.prerelax or s.design_prerelax)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -165,8 +167,10 @@ def known_structures(db: Database, run: str, before_iteration: int) -> list[Stru
 
 
 def record_generated(db: Database, run: str, iteration: int, structures: Sequence[Structure],
-                     provenance: dict[str, Any], label: str) -> list[str]:
-    """Store the survivors of one generate step; a rerun of the step writes nothing new."""
+                     provenance: dict[str, Any], label: str,
+                     prerelax: Sequence[dict[str, Any]] = ()) -> list[str]:
+    """Store the survivors of one generate step; a rerun of the step writes nothing new.
+    ``prerelax``: each structure's pre-relaxation summary (stage, volume ratio, ...)."""
     coll = candidates(db)
     ids = []
     for k, structure in enumerate(structures):
@@ -174,6 +178,8 @@ def record_generated(db: Database, run: str, iteration: int, structures: Sequenc
         doc = {**_structure_fields(structure), "run": run, "iteration": iteration,
                "kind": "generated", "status": "generated", "generation": provenance,
                "label": label, "created_at": _now()}
+        if prerelax:
+            doc["prerelax"] = prerelax[k]
         coll.update_one({"_id": cid}, {"$setOnInsert": doc}, upsert=True)
         ids.append(cid)
     return ids

@@ -46,7 +46,9 @@ def describe_plan(config: dr.DesignConfig) -> list[str]:
     return [
         f"query_database: {req.reduced_formula} with {req.target.describe()}",
         f"then up to {cfg.max_iterations} iterations: generate_structures ({cfg.batch_size} "
-        f"candidates, {cfg.steps} steps) -> filters -> predict_properties "
+        f"candidates, {cfg.steps} steps) -> filters -> "
+        + (f"pre-relax ({cfg.prerelax}) -> " if cfg.prerelax != "none" else "")
+        + "predict_properties "
         f"(tau {cfg.tau:.3f} {req.target.unit})",
         f"run_dft ({cfg.engine}/{cfg.preset}) for candidates above tau, at most "
         f"{cfg.max_dft} calculations",
@@ -73,9 +75,9 @@ def generate_step(db: Database, run: str, iteration: int) -> dict[str, Any]:
     batch = generate_structures(
         db, cfg.request.formula, cfg.batch_size, seed=iteration_seed(cfg.seed, iteration),
         steps=cfg.steps, formula_units=cfg.formula_units or None,
-        known=dr.known_structures(db, run, iteration))
+        known=dr.known_structures(db, run, iteration), prerelax=cfg.prerelax or "none")
     ids = dr.record_generated(db, run, iteration, batch.structures, batch.provenance,
-                              cfg.request.target.label)
+                              cfg.request.target.label, batch.prerelax)
     dr.record_generation_report(db, run, iteration, batch.report.as_dict(), batch.seconds)
     return {"iteration": iteration, "candidates": ids, **batch.report.as_dict(),
             "seconds": round(batch.seconds, 2)}

@@ -79,6 +79,7 @@ class GeneratedBatch:
     steps: int
     seconds: float
     provenance: dict[str, Any] = field(default_factory=dict)
+    prerelax: list[dict[str, Any]] = field(default_factory=list)  # one summary per structure
 
 
 @functools.lru_cache(maxsize=2)
@@ -92,13 +93,16 @@ def generate_structures(db: Database | None, formula: str, n: int, *, seed: int 
                         steps: int | None = None,
                         formula_units: Sequence[int] | None = None,
                         known: Iterable[Structure] = (), checkpoint: str | None = None,
-                        device: str | None = None) -> GeneratedBatch:
+                        device: str | None = None, prerelax: str = "none") -> GeneratedBatch:
     """Sample ``n`` crystals of ``formula`` (CSP) and keep those that pass every filter.
 
     Duplicates are removed against the materials collection (when ``db`` is given), the
-    ``known`` structures (e.g. earlier candidates of the run) and each other.
+    ``known`` structures (e.g. earlier candidates of the run) and each other. With
+    ``prerelax`` (e.g. "chgnet") the survivors are pre-relaxed, space group kept
+    (:mod:`matcouple.directive.prerelax`), and returned relaxed.
     """
     from matcouple.directive.generate import csp_cells
+    from matcouple.directive.prerelax import prerelax_structures
     from matcouple.directive.sample import sample_crystals, to_structures
 
     settings = get_settings()
@@ -118,11 +122,15 @@ def generate_structures(db: Database | None, formula: str, n: int, *, seed: int 
     kept, report = apply_filters(usable, finder)
     report.candidates = len(structures)
     report.removed["sane_volume"] += len(structures) - len(usable)
-    return GeneratedBatch(structures=[usable[i] for i in kept], report=report,
+    relaxed = prerelax_structures([usable[i] for i in kept], prerelax)
+    return GeneratedBatch(structures=[r.structure for r in relaxed], report=report,
                           model_version=gen.version, seed=seed, steps=steps,
                           seconds=time.monotonic() - start,
                           provenance={**gen.provenance(), "steps": steps, "seed": seed,
-                                      "cells": [len(c) for c in cells]})
+                                      "cells": [len(c) for c in cells],
+                                      "prerelax": prerelax},
+                          prerelax=[r.summary() for r in relaxed] if prerelax != "none"
+                          else [])
 
 
 # ---------------------------------------------------------------- predict_properties
