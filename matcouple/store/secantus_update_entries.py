@@ -26,9 +26,10 @@ deletes, multi-document updates, upserts, capped-collection eviction). Anything 
 raises while comparing sends that index through the original code.
 
 Measured on the shared 2-core machine (1-minute load average 4-5 from other users), one
-``rlaunch rapidfire`` worker, 300 ScriptTask Fireworks of 1,000: the server's CPU went
-from 20.0 s to 17.7 s (67 to 59 ms per Firework; that run used the first version of the
-comparison, which computed every index's keys). ``benchmarks/launchpad.py --dataset none
+``rlaunch rapidfire`` worker, 300 ScriptTask Fireworks of 1,000: the server's CPU was
+20.0, 18.3 and 18.8 s before, 17.7 and 17.7 s after. ``benchmarks/catalog_cache.py``
+(alternating ``find_one_and_update``/``update_one`` on ``fw_id``): 3.38 / 3.14 to 2.13 /
+2.18 ms per call. ``benchmarks/launchpad.py --dataset none
 --sizes 1000 --workers 1 2``: one worker 8.2-8.5 -> 8.1-9.6 FW/s (matcouple) and 9.1-9.7
 -> 8.6-11.3 (ScriptTask), two workers together 9.3-9.6 -> 10.0-11.0 and 10.1-10.9 ->
 9.6-12.5, two runs each: within the machine's run-to-run spread.
