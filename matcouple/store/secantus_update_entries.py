@@ -27,7 +27,7 @@ raises while comparing sends that index through the original code.
 
 Measured on the shared 2-core machine (1-minute load average 4-5 from other users), one
 ``rlaunch rapidfire`` worker, 300 ScriptTask Fireworks of 1,000: the server's CPU was
-20.0, 18.3 and 18.8 s before, 17.7 and 17.7 s after. ``benchmarks/catalog_cache.py``
+20.0, 18.3 and 18.8 s before, 17.7, 17.7 and 15.5 s after. ``benchmarks/catalog_cache.py``
 (alternating ``find_one_and_update``/``update_one`` on ``fw_id``): 3.38 / 3.14 to 2.13 /
 2.18 ms per call. ``benchmarks/launchpad.py --dataset none
 --sizes 1000 --workers 1 2``: one worker 8.2-8.5 -> 8.1-9.6 FW/s (matcouple) and 9.1-9.7
