@@ -545,3 +545,177 @@ def test_catalog_cache_never_stores_a_catalog_from_an_older_snapshot(storage):
     for _ in range(3):
         assert st._multikey_index_names("d", "c") == {"x_1"}
         assert _in_thread(lambda: st._multikey_index_names("d", "c")) == {"x_1"}
+
+
+# Unchanged index entries are kept on update (matcouple.store.secantus_update_entries):
+# the same operations on a patched and an unpatched storage leave identical tables.
+
+
+def _table_rows(st, table: str) -> list:
+    st._refresh_read_snapshot()
+    cur = st._cursor(table)
+    cur.reset()
+    rows = []
+    while cur.next() == 0:
+        rows.append((tuple(bytes(k) if isinstance(k, bytes | memoryview) else k
+                           for k in (cur.get_key() if isinstance(cur.get_key(), tuple)
+                                     else (cur.get_key(),))),
+                     bytes(cur.get_value()) if not isinstance(cur.get_value(), int)
+                     else cur.get_value()))
+    cur.reset()
+    return rows
+
+
+def _all_tables(st, db: str, coll: str) -> dict:
+    from secantus import storage as storage_mod
+
+    return {t: _table_rows(st, t) for t in (
+        storage_mod._IDX_ENTRIES_TABLE, storage_mod._UNIQ_TABLE, storage_mod._IDX_TABLE,
+        storage_mod._doc_table_for(db, coll))}
+
+
+_FW_LIKE_INDEXES = [
+    ("fw_id_1", {"fw_id": 1}, {"unique": True}),
+    ("state_1", {"state": 1}, {}),
+    ("claim", {"state": -1, "spec._priority": -1, "created_on": 1}, {}),
+    ("launches_1", {"launches": 1}, {}),
+    ("name_ci", {"name": 1}, {"collation": {"locale": "en", "strength": 2}}),
+    ("tag_sparse", {"tag": 1}, {"sparse": True}),
+    ("hot_partial", {"n": 1}, {"partialFilterExpression": {"n": {"$gt": 10}}}),
+    ("uniq_pair", {"a": 1, "b": -1}, {"unique": True}),
+    ("geo", {"loc": "2dsphere"}, {}),
+]
+
+_UPDATES = [
+    # (filter, update, kwargs): FireWorks-shaped and edge cases for every kind of index.
+    ({"state": "READY"}, {"$set": {"state": "RESERVED", "updated_on": 1}}, {}),
+    ({"fw_id": 3}, {"$set": {"updated_on": 2}}, {}),  # no indexed field changes
+    ({"fw_id": 3}, {"$set": {"updated_on": 2}}, {}),  # nothing changes at all
+    ({"fw_id": 4}, {"$push": {"launches": 40}}, {}),  # becomes multikey
+    ({"fw_id": 4}, {"$push": {"launches": 41}}, {}),
+    ({"fw_id": 5}, {"$set": {"name": "FW-5"}}, {}),  # same key under the collation
+    ({"fw_id": 5}, {"$set": {"name": "other"}}, {}),
+    ({"fw_id": 6}, {"$unset": {"tag": ""}}, {}),  # leaves the sparse index
+    ({"fw_id": 7}, {"$set": {"tag": "t"}}, {}),  # enters it
+    ({"fw_id": 8}, {"$set": {"n": 11}}, {}),  # enters the partial index
+    ({"fw_id": 9}, {"$set": {"n": 3}}, {}),  # leaves it
+    ({"fw_id": 10}, {"$set": {"n": 12}}, {}),  # stays in it, key changes
+    ({"fw_id": 11}, {"$set": {"fw_id": 111}}, {}),  # unique key changes
+    ({"fw_id": 12}, {"$set": {"fw_id": 13}}, {}),  # unique conflict: DuplicateKey
+    ({"fw_id": 14}, {"$set": {"a": 0, "b": 0}}, {}),  # compound unique key changes
+    ({"fw_id": 15}, {"$set": {"a": 0, "b": 0}}, {}),  # taken by fw_id 14 now
+    ({"fw_id": 16}, {"$set": {"loc": {"type": "Point", "coordinates": [1, 2]}}}, {}),
+    ({"fw_id": 17}, {"$set": {"spec._priority": 5, "x": 1}}, {}),
+    ({"fw_id": 1}, {"$set": {"created_on": 1.0}}, {}),  # same number, another type
+    ({"fw_id": 1}, {"$set": {"created_on": True}}, {}),
+    ({"fw_id": 13}, {"$set": {"spec._priority": 0.0}}, {}),
+    ({"fw_id": 13}, {"$set": {"spec._priority": -0.0}}, {}),
+    ({"fw_id": 2}, {"$set": {"spec": [{"_priority": 1}, {"_priority": 2}]}}, {}),  # array
+    ({"fw_id": 2}, {"$set": {"spec.1._priority": 3}}, {}),  # inside it
+    ({"fw_id": 2}, {"$set": {"spec.1.other": 3}}, {}),  # beside it
+    ({"fw_id": 18}, {"$set": {"state": "COMPLETED"}}, {"return_post_images": True}),
+    ({"_id": 999, "fw_id": 999}, {"$set": {"state": "NEW"}}, {"upsert": True}),
+    ({"state": "WAITING"}, {"$set": {"state": "READY"}}, {"multi": True}),
+    ({"fw_id": {"$in": [1, 2]}}, [{"$set": {"state": "PIPE", "n": 20}}], {}),
+]
+
+
+def _run_update_sequence(st) -> list:
+    db, coll = "d", "fw"
+    docs = [{"_id": i, "fw_id": i, "state": "READY" if i % 3 else "WAITING",
+             "spec": {"_priority": i % 4}, "created_on": i, "updated_on": 0,
+             "launches": [], "name": f"fw-{i}", "n": i, "a": i, "b": i,
+             **({"tag": f"t{i % 2}"} if i % 2 else {}),
+             "loc": {"type": "Point", "coordinates": [i, 0]}} for i in range(1, 20)]
+    st.insert(db, coll, docs)
+    for name, key_spec, options in _FW_LIKE_INDEXES:
+        st.create_index(db, coll, name, key_spec, options)
+    outcomes = []
+    for filt, update, kwargs in _UPDATES:
+        try:
+            res = st.update_matching(db, coll, filt, update, **kwargs)
+            outcomes.append(("ok", {k: v for k, v in res.items()}))
+        except Exception as exc:  # the same refusal, of the same type, on both
+            outcomes.append(("error", type(exc).__name__, str(exc)))
+    outcomes.append(st.find_matching(db, coll, {}, sort={"_id": 1}))
+    outcomes.append(st.find_matching(db, coll, {"state": "RESERVED"}, sort={"spec._priority": -1},
+                                     limit=3))
+    outcomes.append(st.find_matching(db, coll, {"launches": 41}))
+    outcomes.append(st.find_matching(db, coll, {"n": {"$gt": 10}}))
+    return outcomes
+
+
+def test_update_keeps_unchanged_index_entries_with_identical_results(tmp_path, monkeypatch):
+    assert secantus_compat.apply()
+    from secantus import storage as storage_mod
+    from secantus.storage import Storage
+
+    from matcouple.store import secantus_update_entries as sue
+
+    calls = {"skipped": 0}
+    original_unchanged = sue.unchanged_indexes
+
+    def counting(*args, **kwargs):
+        same = original_unchanged(*args, **kwargs)
+        calls["skipped"] += len(same)
+        return same
+
+    monkeypatch.setattr(sue, "unchanged_indexes", counting)
+    patched = Storage(str(tmp_path / "patched"), enable_oplog=False)
+    try:
+        got = _run_update_sequence(patched)
+        got_tables = _all_tables(patched, "d", "fw")
+    finally:
+        patched.close()
+    assert calls["skipped"] > 20  # the fix did skip work
+
+    with monkeypatch.context() as m:  # the same SecantusDB without this fix
+        for name in ("_update_matching_single_txn", "_delete_index_entries",
+                     "_write_index_entries"):
+            m.setattr(Storage, name, getattr(Storage, name).__wrapped__)
+        m.setattr(storage_mod, "apply_update", storage_mod.apply_update.__wrapped__)
+        plain = Storage(str(tmp_path / "plain"), enable_oplog=False)
+        try:
+            want = _run_update_sequence(plain)
+            want_tables = _all_tables(plain, "d", "fw")
+        finally:
+            plain.close()
+    assert got == want
+    assert got_tables == want_tables
+    assert any(o[0] == "error" for o in want[:len(_UPDATES)])  # conflicts were exercised
+
+
+def test_update_entries_patch_is_idempotent(storage):
+    from secantus import storage as storage_mod
+    from secantus.storage import Storage
+
+    before = (Storage._update_matching_single_txn, Storage._delete_index_entries,
+              Storage._write_index_entries, storage_mod.apply_update)
+    assert secantus_compat.apply()
+    assert before == (Storage._update_matching_single_txn, Storage._delete_index_entries,
+                      Storage._write_index_entries, storage_mod.apply_update)
+
+
+def test_update_entries_value_comparison_is_type_strict():
+    import datetime
+
+    from bson import Decimal128, Int64, ObjectId
+
+    from matcouple.store.secantus_update_entries import _same_paths, _same_value
+
+    assert _same_value({"a": [1, "x", None]}, {"a": [1, "x", None]})
+    assert not _same_value(1, 1.0) and not _same_value(1, True) and not _same_value(1, Int64(1))
+    assert not _same_value(0.0, -0.0) and not _same_value(float("nan"), float("nan"))
+    assert not _same_value({"a": 1, "b": 2}, {"b": 2, "a": 1})  # field order is a value
+    assert _same_value(Decimal128("1.0"), Decimal128("1.0"))
+    assert not _same_value(Decimal128("1.0"), Decimal128("1.00"))
+    oid = ObjectId()
+    assert _same_value(oid, ObjectId(str(oid)))
+    now = datetime.datetime(2026, 1, 1)
+    assert _same_value(now, datetime.datetime(2026, 1, 1))
+    assert not _same_value(object(), object())  # unknown types count as changed
+    spec = {"spec._priority": 1}
+    assert _same_paths({"spec": {"_priority": 1, "x": 1}}, {"spec": {"_priority": 1}}, spec)
+    assert not _same_paths({"spec": {}}, {"spec": {"_priority": None}}, spec)
+    assert not _same_paths({"spec": [{"_priority": 1}]}, {"spec": [{"_priority": 2}]}, spec)
+    assert not _same_paths({"spec": 5}, {}, spec)

@@ -42,7 +42,8 @@ requested index with an existing one of the same name, as MongoDB has done since
 after ``lpad admin tuneup --full`` (foreground) fails with IndexKeySpecsConflict.
 
 A fifth fix caches the decoded index catalog: see
-:mod:`matcouple.store.secantus_catalog_cache`.
+:mod:`matcouple.store.secantus_catalog_cache`. A sixth skips rewriting the index entries
+an update leaves unchanged: see :mod:`matcouple.store.secantus_update_entries`.
 
 :func:`apply` patches only the versions listed in :data:`FIXED_VERSIONS`; for any other
 version it does nothing, so an upgrade can never be silently altered by a stale patch.
@@ -54,6 +55,7 @@ import functools
 from typing import Any
 
 from matcouple.store.secantus_catalog_cache import patch_index_catalog_cache
+from matcouple.store.secantus_update_entries import patch_update_index_entries
 
 FIXED_VERSIONS = frozenset({"0.7.0b3"})
 _MARK = "_matcouple_id_narrowing"
@@ -93,6 +95,7 @@ def apply() -> bool:
     Storage._candidates_iter = candidates_iter  # type: ignore[method-assign]
     _patch_ordered_find(Storage)
     patch_index_catalog_cache(Storage)
+    patch_update_index_entries(Storage)
     return True
 
 

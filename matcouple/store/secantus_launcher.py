@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     patched = secantus_compat.apply()
     logging.getLogger("matcouple").warning(
         "matcouple compatibility layer for SecantusDB: %s",
-        "active (findAndModify _id narrowing, ordered claims, index catalog cache)"
+        "active (findAndModify _id narrowing, ordered claims, index catalog cache, "
+        "unchanged index entries kept)"
         if patched else "not needed for this version",
     )
     return secantus_main(rest)
