@@ -89,6 +89,8 @@ class SurrogatePredictor:
                device: torch.device, mc_samples: int | None) -> None:
         self.device = device
         self.models, self.blobs = models, blobs
+        for m in models:
+            m.set_fused(get_settings().surrogate_fused_tp)
         first = self.blobs[0]
         self.targets = tuple(first["model_config"]["targets"])
         self.spec = GraphSpec(**first["graph_spec"])
