@@ -24,6 +24,7 @@ from torch import nn
 from torch_geometric.utils import scatter, softmax
 
 from matcouple.surrogate.fused import FusedTPLinear
+from matcouple.surrogate.mc_dropout import MaskedDropout, replay_active
 
 
 @dataclass(frozen=True)
@@ -107,10 +108,10 @@ class ScalarDropout(nn.Module):
     def __init__(self, irreps: o3.Irreps, p: float) -> None:
         super().__init__()
         self.n_scalar = sum(mul for mul, ir in o3.Irreps(irreps) if ir.l == 0)
-        self.drop = nn.Dropout(p)
+        self.drop = MaskedDropout(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.drop.p == 0.0:
+        if self.drop.p == 0.0 or not (self.training or replay_active()):
             return x  # identity: skip the copy (inference speed)
         return torch.cat([self.drop(x[:, :self.n_scalar]), x[:, self.n_scalar:]], dim=-1)
 
@@ -157,7 +158,7 @@ class AttentionBlock(nn.Module):
         self.alpha = nn.Parameter(torch.randn(cfg.heads, 16) * 0.1)
         self.tp_val = _depthwise_tp(irreps, irreps_sh, irreps, shared=True)
         self.lin_val = o3.Linear(self.tp_val.irreps_out.simplify(), irreps)
-        self.att_drop = nn.Dropout(cfg.dropout)
+        self.att_drop = MaskedDropout(cfg.dropout)
         self.lin_out = o3.Linear(irreps, irreps)
         self.norm2 = EquivariantLayerNorm(irreps)
         ffn_gate, ffn_in = _gate(irreps)
@@ -228,8 +229,17 @@ class Crysformer(nn.Module):
         self.norm = EquivariantLayerNorm(irreps)
         self.n_scalar = cfg.scalars
         self.head = nn.Sequential(
-            nn.Linear(cfg.scalars, cfg.scalars), nn.SiLU(), nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.scalars, cfg.scalars), nn.SiLU(), MaskedDropout(cfg.dropout),
             nn.Linear(cfg.scalars, len(cfg.targets)))
+
+    def dropout_shapes(self, num_nodes: int, num_edges: int) -> list[tuple[int, int]]:
+        """Shapes of the dropout masks one pass draws, in the order forward() draws them
+        (attention weights, then the two scalar residuals, per block; then the head)."""
+        if self.cfg.dropout == 0.0:
+            return []
+        per_block = [(num_edges, self.cfg.heads), (num_nodes, self.n_scalar),
+                     (num_nodes, self.n_scalar)]
+        return per_block * len(self.blocks) + [(num_nodes, self.cfg.scalars)]
 
     def set_fused(self, on: bool) -> Crysformer:
         """Use the fused inference path of the values, or e3nn's (default, reference)."""
