@@ -86,8 +86,10 @@ class FusedTPLinear:
         self._version: tuple | None = None
 
     def _source_version(self) -> tuple:
+        """Changes with any in-place update (optimizer step, load_state_dict) and with
+        any move or cast of the parameters (``.to``, ``.double()``)."""
         params = [*self.tp.parameters(), *self.lin.parameters()]
-        return tuple((id(p), p._version) for p in params)
+        return tuple((id(p), p.data_ptr(), p.dtype, p._version) for p in params)
 
     def _build(self) -> None:
         """Constant matrices from the current e3nn modules (cheap; on parameter change)."""
