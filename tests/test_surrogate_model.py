@@ -86,3 +86,47 @@ def test_graph_spec_is_respected(skewed):
     g12 = structure_to_graph(skewed, GraphSpec(k=12))
     assert g6["edge_index"].shape[1] < g12["edge_index"].shape[1]
     assert np.all(torch.bincount(g6["edge_index"][1]).numpy() >= 6)
+
+
+def test_fused_tensor_products_match_e3nn():
+    """The inference path of a TP + Linear equals e3nn's, for shared weights (values) and
+    per-edge weights (messages), and follows in-place weight updates (fine-tuning).
+    Float64; the tolerance is e3nn's float32-rounded Clebsch-Gordan constants, where e3nn
+    itself uses exact 1/sqrt(2l+1) in some paths (a wrong path would be off by O(1))."""
+    from e3nn import o3
+
+    from matcouple.surrogate.fused import FusedTPLinear
+
+    torch.manual_seed(1)
+    block = Crysformer(TINY, torch.from_numpy(atom_feature_table())).double().blocks[0]
+    sh_irreps = o3.Irreps.spherical_harmonics(TINY.lmax)
+    e = 50
+    sh = o3.spherical_harmonics(sh_irreps, torch.randn(e, 3, dtype=torch.float64), True,
+                                normalization="component")
+    mu = torch.randn(e, block.tp_val.irreps_in1.dim, dtype=torch.float64)
+    x = torch.randn(e, block.tp_msg.irreps_in1.dim, dtype=torch.float64)
+    w = torch.randn(e, block.tp_msg.weight_numel, dtype=torch.float64)
+    values, messages = FusedTPLinear(block.tp_val, block.lin_val), FusedTPLinear(
+        block.tp_msg, block.lin_f)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(values(mu, sh), block.lin_val(block.tp_val(mu, sh)),
+                                       rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(messages(x, sh, w),
+                                       block.lin_f(block.tp_msg(x, sh, w)),
+                                       rtol=1e-6, atol=1e-7)
+            block.tp_val.weight.mul_(1.5)  # an optimizer step: the fused path must follow
+            block.lin_val.weight.add_(0.1)
+
+
+def test_fused_model_matches_the_e3nn_reference(tiny_model, skewed):
+    """Whole model, fused inference path vs the e3nn modules, in float64 (in float32 both
+    carry the model's own rounding noise, which its layer norms can amplify)."""
+    batch = [skewed, skewed * (2, 1, 1), Structure.from_spacegroup(
+        "Fm-3m", Lattice.cubic(4.2), ["Mg", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])]
+    try:
+        fused = torch.cat([predict(tiny_model.set_fused(True), s) for s in batch])
+        reference = torch.cat([predict(tiny_model.set_fused(False), s) for s in batch])
+    finally:
+        tiny_model.set_fused(False)
+    torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-7)

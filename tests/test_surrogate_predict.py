@@ -162,3 +162,62 @@ def test_predict_task_through_rlaunch(launchpad_config, cli_env, tmp_path, silic
     assert mgo["value"] < -2.0 and mgo["sigma"] > 0
     assert docs["si"]["model_version"] == SurrogatePredictor.default().version
     assert docs["si"]["uncertainty_mode"] == "ensemble3+mc8" and docs["si"]["calibrated"]
+
+
+def test_fused_inference_path_matches_e3nn_on_shipped_models(fast_predictor, silicon,
+                                                             rocksalt):
+    """The shipped members give the same numbers through the fused value path as through
+    e3nn, in float64. (In float32 both paths sit up to ~1e-2 from the float64 value on
+    symmetric cells such as Si: the models amplify rounding noise, see Settings.)"""
+    import copy
+
+    import torch
+
+    items = [silicon, rocksalt, silicon * (2, 1, 1)]
+    graphs = [fast_predictor.graph(s) for s in items]
+    for dtype, rtol in ((torch.float64, 1e-6),):
+        for model in fast_predictor.models:
+            m = copy.deepcopy(model).to(dtype)
+            outs = []
+            for fused in (True, False):
+                m.set_fused(fused)
+                with torch.inference_mode():
+                    outs.append(torch.cat([
+                        m(g.z, g.edge_index, g.edge_vec.to(dtype),
+                          torch.zeros(g.num_nodes, dtype=torch.long), 1) for g in graphs]))
+            torch.testing.assert_close(outs[0], outs[1], rtol=rtol, atol=rtol)
+
+
+def test_mc_passes_in_threads_equal_the_sequential_train_mode_passes(predictor, silicon,
+                                                                      rocksalt):
+    """MC passes replay masks drawn up front and run side by side; the numbers are those
+    of the straightforward way: train mode, global RNG seeded once, one pass after the
+    other (members in order, batches in order)."""
+    import numpy as np
+    import torch
+    from torch_geometric.data import Batch
+
+    items = [silicon, rocksalt, silicon * (2, 1, 1), rocksalt * (1, 1, 2), silicon] * 2
+    graphs = [predictor.graph(s) for s in items]
+    means, variances = predictor.member_outputs(graphs, batch_size=4)
+    batches = [Batch.from_data_list(graphs[i:i + 4]) for i in range(0, len(graphs), 4)]
+    ref_means, ref_vars = [], []
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # Settings.surrogate_mc_seed
+        for model, blob in zip(predictor.models, predictor.blobs, strict=True):
+            m_out, v_out = [], []
+            model.train()
+            try:
+                with torch.inference_mode():
+                    for b in batches:
+                        s = torch.stack([model(b.z, b.edge_index, b.edge_vec, b.batch,
+                                               b.num_graphs) for _ in range(8)])
+                        s = s * blob["norm_std"] + blob["norm_mean"]
+                        m_out.append(s.mean(0))
+                        v_out.append(s.var(0, unbiased=False))
+            finally:
+                model.eval()
+            ref_means.append(torch.cat(m_out).numpy())
+            ref_vars.append(torch.cat(v_out).numpy())
+    np.testing.assert_allclose(means, np.stack(ref_means), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(variances, np.stack(ref_vars), rtol=1e-5, atol=1e-9)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from torch_geometric.data import Batch, Data
 from matcouple.errors import MatcoupleError
 from matcouple.settings import get_settings
 from matcouple.surrogate.graph import GraphSpec, structure_to_graph
+from matcouple.surrogate.mc_dropout import draw_masks, replaying
 from matcouple.surrogate.model import Crysformer, CrysformerConfig
 from matcouple.surrogate.train import MODEL_FORMAT
 from matcouple.surrogate.uncertainty import combine
@@ -89,6 +91,8 @@ class SurrogatePredictor:
                device: torch.device, mc_samples: int | None) -> None:
         self.device = device
         self.models, self.blobs = models, blobs
+        for m in models:
+            m.set_fused(get_settings().surrogate_fused_tp)
         first = self.blobs[0]
         self.targets = tuple(first["model_config"]["targets"])
         self.spec = GraphSpec(**first["graph_spec"])
@@ -140,27 +144,38 @@ class SurrogatePredictor:
         return Data(z=g["z"], edge_index=g["edge_index"], edge_vec=g["edge_vec"],
                     num_nodes=len(g["z"]))
 
-    def _member(self, model: Crysformer, blob: dict, batches: list[Batch]
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """One ensemble member's mean and MC variance, (N, targets), physical units."""
+    def _member(self, model: Crysformer, blob: dict, batch: Batch,
+                masks: list[list[torch.Tensor]] | None) -> tuple[np.ndarray, np.ndarray]:
+        """One ensemble member's mean and MC variance on one batch, (n, targets), physical
+        units; ``masks``: the dropout masks of each MC pass (None: dropout off)."""
         with torch.inference_mode():
             mean_t, std_t = blob["norm_mean"].to(self.device), blob["norm_std"].to(self.device)
-            m_out, v_out = [], []
-            for batch in batches:
-                args = (batch.z, batch.edge_index, batch.edge_vec, batch.batch,
-                        batch.num_graphs)
-                if self.mc_samples:
-                    model.train()  # dropout on: MC samples
-                    samples = torch.stack([model(*args) for _ in range(self.mc_samples)])
-                    model.eval()
-                    samples = samples * std_t + mean_t
-                    m_out.append(samples.mean(0))
-                    v_out.append(samples.var(0, unbiased=False))
-                else:
-                    pred = model(*args) * std_t + mean_t
-                    m_out.append(pred)
-                    v_out.append(torch.zeros_like(pred))
-            return torch.cat(m_out).cpu().numpy(), torch.cat(v_out).cpu().numpy()
+            args = (batch.z, batch.edge_index, batch.edge_vec, batch.batch, batch.num_graphs)
+            if masks is None:
+                pred = model(*args) * std_t + mean_t
+                return pred.cpu().numpy(), np.zeros(tuple(pred.shape), dtype=np.float32)
+            samples = []
+            for pass_masks in masks:
+                with replaying(pass_masks):
+                    samples.append(model(*args))
+            stacked = torch.stack(samples) * std_t + mean_t
+            return stacked.mean(0).cpu().numpy(), stacked.var(0, unbiased=False).cpu().numpy()
+
+    def _masks(self, jobs: list[tuple[Crysformer, dict, Batch]]
+               ) -> Iterator[list[list[torch.Tensor]] | None]:
+        """Each job's MC-dropout masks, drawn job by job (lazily: they are big) from one
+        generator seeded with ``Settings.surrogate_mc_seed``: the masks the passes drew
+        when they ran one after another under that seed, so the same inputs in the same
+        batches give the same values and sigmas, and the caller's random state is not
+        touched."""
+        if not self.mc_samples:
+            yield from (None for _ in jobs)
+            return
+        gen = torch.Generator().manual_seed(get_settings().surrogate_mc_seed)
+        for model, _, batch in jobs:
+            shapes = model.dropout_shapes(batch.num_nodes, batch.num_edges)
+            yield [draw_masks(shapes, model.cfg.dropout, gen)
+                   for _ in range(self.mc_samples)]
 
     @property
     def default_batch_size(self) -> int:
@@ -175,24 +190,16 @@ class SurrogatePredictor:
 
         On CPU the members run side by side, one thread each: coarse-grained parallelism
         that, unlike OpenMP threads inside each op, does not collapse when other processes
-        share the cores (measured 8x faster per forward on a loaded 2-core machine)."""
+        share the cores (measured 8x faster per forward on a loaded 2-core machine). MC
+        passes replay masks drawn up front (mc_dropout.py), so they run side by side too."""
         batch_size = batch_size or self.default_batch_size
         batches = [Batch.from_data_list(graphs[i:i + batch_size]).to(self.device)
                    for i in range(0, len(graphs), batch_size)]
         # one job per (member, batch): balances 3 members over 2 cores
-        jobs = [(m, b, [batch]) for m, b in zip(self.models, self.blobs, strict=True)
+        jobs = [(m, b, batch) for m, b in zip(self.models, self.blobs, strict=True)
                 for batch in batches]
         parallel = min(len(jobs), os.cpu_count() or 1) if self.device.type == "cpu" else 1
-        if parallel > 1 and not self.mc_samples:  # MC toggles train() on a shared model
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                with ThreadPoolExecutor(parallel) as pool:
-                    outs = list(pool.map(lambda j: self._member(*j), jobs))
-            finally:
-                torch.set_num_threads(threads)
-        else:
-            outs = self._mc_jobs(jobs) if self.mc_samples else [self._member(*j) for j in jobs]
+        outs = self._run(jobs, parallel)
         per = len(batches)
         means = [np.concatenate([o[0] for o in outs[k:k + per]]) for k in
                  range(0, len(outs), per)]
@@ -200,14 +207,26 @@ class SurrogatePredictor:
                      range(0, len(outs), per)]
         return np.stack(means), np.stack(variances)
 
-    def _mc_jobs(self, jobs: list) -> list[tuple[np.ndarray, np.ndarray]]:
-        """MC-dropout jobs in order under ``Settings.surrogate_mc_seed``: the same inputs
-        in the same batches give the same values and sigmas, and the caller's random
-        state is left as it was."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(get_settings().surrogate_mc_seed)
-            return [self._member(*j) for j in jobs]
+    def _run(self, jobs: list[tuple[Crysformer, dict, Batch]], parallel: int
+             ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Jobs in order, on ``parallel`` threads of one torch thread each; masks are drawn
+        in the main thread, a few jobs ahead of the workers."""
+        masks = self._masks(jobs)
+        if parallel <= 1:
+            return [self._member(*job, m) for job, m in zip(jobs, masks, strict=True)]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(parallel) as pool:
+                pending: deque[Future] = deque()
+                outs = []
+                for job, m in zip(jobs, masks, strict=True):
+                    pending.append(pool.submit(self._member, *job, m))
+                    if len(pending) > 2 * parallel:
+                        outs.append(pending.popleft().result())
+                return outs + [f.result() for f in pending]
+        finally:
+            torch.set_num_threads(threads)
 
     def predict_graphs(self, graphs: list[Data], batch_size: int | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
