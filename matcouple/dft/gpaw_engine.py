@@ -26,6 +26,7 @@ from matcouple.dft.errors import (
 )
 from matcouple.dft.presets import GPAW_PRESETS, GpawPreset, gpaw_preset
 from matcouple.dft.references import reference_phase
+from matcouple.structures.io import structure_from_atoms as _structure
 
 # Initial moments (mu_B) of the Materials Project input sets for elements that are often
 # magnetic; a structure containing one of them is computed spin-polarised.
@@ -64,16 +65,6 @@ def _atoms(structure: Structure, magmoms: list[float] | None = None):
     if magmoms is not None:
         atoms.set_initial_magnetic_moments(magmoms)
     return atoms
-
-
-def _structure(atoms) -> Structure:
-    """The geometry only: no calculator, constraint or magnetic moments carried along."""
-    from ase import Atoms
-    from pymatgen.io.ase import AseAtomsAdaptor
-
-    bare = Atoms(atoms.get_chemical_symbols(), positions=atoms.get_positions(),
-                 cell=atoms.get_cell(), pbc=True)
-    return AseAtomsAdaptor.get_structure(bare)
 
 
 def _calculator(preset: GpawPreset, *, kpts: Any, spinpol: bool, txt: Path,

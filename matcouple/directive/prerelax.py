@@ -27,6 +27,7 @@ from pymatgen.core import Structure
 
 from matcouple.errors import MatcoupleError
 from matcouple.settings import get_settings
+from matcouple.structures.io import structure_from_atoms
 
 ENGINES = ("none", "chgnet")
 
@@ -71,15 +72,6 @@ def _min_distance(atoms) -> float:
     return float(d[np.triu_indices(len(atoms), 1)].min())
 
 
-def _to_structure(atoms) -> Structure:
-    from ase import Atoms
-    from pymatgen.io.ase import AseAtomsAdaptor
-
-    bare = Atoms(atoms.get_chemical_symbols(), positions=atoms.get_positions(),
-                 cell=atoms.get_cell(), pbc=True)
-    return AseAtomsAdaptor.get_structure(bare)
-
-
 @dataclass
 class PreRelaxMaker:
     """Settings of one pre-relaxation (atomate2-style: a dataclass that makes the result)."""
@@ -107,15 +99,14 @@ class PreRelaxMaker:
         atoms.calc = calc
         atoms.set_constraint(FixSymmetry(atoms, symprec=self.symprec))
         v0 = float(atoms.get_volume())
-        steps = 0
         opt = BFGS(atoms, logfile=None, maxstep=self.maxstep)
         for _ in opt.irun(fmax=self.fmax, steps=self.position_steps):
             if _min_distance(atoms) < self.min_distance:
                 return PreRelaxResult(structure, "input", 1.0, None, opt.nsteps,
                                       time.monotonic() - start,
                                       f"atoms closer than {self.min_distance} A at fixed cell")
-        steps += opt.nsteps
-        stage1 = _to_structure(atoms)
+        steps = opt.nsteps
+        stage1 = structure_from_atoms(atoms)
         e1 = float(atoms.get_potential_energy()) / len(atoms)
         low, high = self.volume_bounds
         reason = ""
@@ -132,7 +123,7 @@ class PreRelaxMaker:
         if reason:
             return PreRelaxResult(stage1, "positions", stage1.volume / v0, e1, steps,
                                   time.monotonic() - start, reason)
-        final = _to_structure(atoms)
+        final = structure_from_atoms(atoms)
         energy = float(atoms.get_potential_energy()) / len(atoms)
         return PreRelaxResult(final, "cell", final.volume / v0, energy, steps,
                               time.monotonic() - start)

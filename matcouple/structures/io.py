@@ -116,3 +116,14 @@ def find_structure_files(paths: list[Path]) -> list[Path]:
         else:
             found.append(path)
     return found
+
+
+def structure_from_atoms(atoms) -> Structure:
+    """The geometry of ASE ``atoms`` only: no calculator, constraint or magnetic moments
+    carried along (what a relaxation hands back to be stored or predicted on)."""
+    from ase import Atoms
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    bare = Atoms(atoms.get_chemical_symbols(), positions=atoms.get_positions(),
+                 cell=atoms.get_cell(), pbc=True)
+    return AseAtomsAdaptor.get_structure(bare)
