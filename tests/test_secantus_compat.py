@@ -660,13 +660,15 @@ def test_update_keeps_unchanged_index_entries_with_identical_results(tmp_path, m
         calls["skipped"] += len(same)
         return same
 
+    def run_and_dump(folder: str) -> tuple[list, dict]:
+        store = Storage(str(tmp_path / folder), enable_oplog=False)
+        try:
+            return _run_update_sequence(store), _all_tables(store, "d", "fw")
+        finally:
+            store.close()
+
     monkeypatch.setattr(sue, "unchanged_indexes", counting)
-    patched = Storage(str(tmp_path / "patched"), enable_oplog=False)
-    try:
-        got = _run_update_sequence(patched)
-        got_tables = _all_tables(patched, "d", "fw")
-    finally:
-        patched.close()
+    got, got_tables = run_and_dump("patched")
     assert calls["skipped"] > 20  # the fix did skip work
 
     with monkeypatch.context() as m:  # the same SecantusDB without this fix
@@ -674,12 +676,7 @@ def test_update_keeps_unchanged_index_entries_with_identical_results(tmp_path, m
                      "_write_index_entries"):
             m.setattr(Storage, name, getattr(Storage, name).__wrapped__)
         m.setattr(storage_mod, "apply_update", storage_mod.apply_update.__wrapped__)
-        plain = Storage(str(tmp_path / "plain"), enable_oplog=False)
-        try:
-            want = _run_update_sequence(plain)
-            want_tables = _all_tables(plain, "d", "fw")
-        finally:
-            plain.close()
+        want, want_tables = run_and_dump("plain")
     assert got == want
     assert got_tables == want_tables
     assert any(o[0] == "error" for o in want[:len(_UPDATES)])  # conflicts were exercised
