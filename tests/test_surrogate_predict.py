@@ -221,3 +221,33 @@ def test_mc_passes_in_threads_equal_the_sequential_train_mode_passes(predictor, 
             ref_vars.append(torch.cat(v_out).numpy())
     np.testing.assert_allclose(means, np.stack(ref_means), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(variances, np.stack(ref_vars), rtol=1e-5, atol=1e-9)
+
+
+def test_graph_workers_match_the_in_process_path(fast_predictor, silicon, rocksalt):
+    """``workers`` > 1 sends crystals to graph-building processes as plain arrays
+    (compact_crystal); rows, values and errors must be those of the in-process path, for
+    ions, disordered cells and elements the embedding lacks too."""
+    from matcouple.surrogate.graph import (
+        compact_crystal,
+        crystal_from_compact,
+        structure_to_graph,
+    )
+
+    ionic = rocksalt.copy()
+    ionic.add_oxidation_state_by_element({"Mg": 2, "O": -2})
+    disordered = silicon.copy()
+    disordered.replace_species({"Si": {"Si": 0.5, "Ge": 0.5}})
+    uncovered = Structure(Lattice.cubic(5.0), ["Og", "Si"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    pool = [silicon, rocksalt, ionic, disordered, uncovered, silicon * (2, 1, 1)]
+    items = [(f"s{k}", pool[k % len(pool)]) for k in range(70)]  # > 64: the worker path
+    for s in pool[:3]:  # ordered: the same lattice, atoms and order, so the same graph
+        graph, back = structure_to_graph(s), structure_to_graph(
+            crystal_from_compact(compact_crystal(s)))
+        assert all(bool((graph[k] == back[k]).all()) for k in graph)
+    serial = fast_predictor.predict(items, workers=1)
+    parallel = fast_predictor.predict(items, workers=2)
+    assert "disordered" in serial[3].error and "not covered" in serial[4].error
+    assert not any(r.error for k, r in enumerate(serial) if k % len(pool) not in (3, 4))
+    for a, b in zip(serial, parallel, strict=True):
+        assert (a.id, a.error) == (b.id, b.error)
+        assert a.values == b.values and a.sigmas == b.sigmas

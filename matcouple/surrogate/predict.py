@@ -22,7 +22,13 @@ from torch_geometric.data import Batch, Data
 
 from matcouple.errors import MatcoupleError
 from matcouple.settings import get_settings
-from matcouple.surrogate.graph import GraphSpec, structure_to_graph
+from matcouple.surrogate.graph import (
+    CompactCrystal,
+    GraphSpec,
+    compact_crystal,
+    crystal_from_compact,
+    structure_to_graph,
+)
 from matcouple.surrogate.mc_dropout import draw_masks, replaying
 from matcouple.surrogate.model import Crysformer, CrysformerConfig
 from matcouple.surrogate.train import MODEL_FORMAT
@@ -61,6 +67,11 @@ def _graph_or_error(structure: Structure, spec: GraphSpec) -> dict | str:
         return {k: v.numpy() for k, v in structure_to_graph(structure, spec).items()}
     except MatcoupleError as exc:
         return str(exc)
+
+
+def _compact_graph_or_error(item: CompactCrystal | Structure, spec: GraphSpec) -> dict | str:
+    """:func:`_graph_or_error` in a worker process, fed by :func:`compact_crystal`."""
+    return _graph_or_error(crystal_from_compact(item), spec)
 
 
 class SurrogatePredictor:
@@ -254,7 +265,8 @@ class SurrogatePredictor:
         todo = [(k, s) for k, s in todo if not isinstance(s, Exception)]
         if workers > 1 and len(todo) > 64:
             with ProcessPoolExecutor(workers) as pool:
-                built = list(pool.map(_graph_or_error, [s for _, s in todo],
+                built = list(pool.map(_compact_graph_or_error,
+                                      [compact_crystal(s) for _, s in todo],
                                       [self.spec] * len(todo), chunksize=32))
         else:
             built = [_graph_or_error(s, self.spec) for _, s in todo]
