@@ -748,7 +748,8 @@ def _catalog_answers(st, colls: tuple[str, ...] = ("fw", "plain")) -> list:
             answers = [st._all_indexes("d", coll), st._partial_filters("d", coll),
                        st._index_options_map("d", coll), st._multikey_index_names("d", coll),
                        st._coll_options("d", coll), st.get_collection_options("d", coll),
-                       st._is_timeseries("d", coll)]
+                       st._is_timeseries("d", coll),
+                       [st.index_is_multikey("d", coll, n) for n in ("launches_1", "state_1")]]
             for filt, coll_spec in _PICKS:
                 collation = _parse_index_collation(coll_spec)
                 answers.append(st._pick_compound_eq_index("d", coll, filt,
@@ -830,7 +831,8 @@ def test_plan_cache_answers_equal_the_unmemoised_ones_across_ddl(tmp_path, monke
     with monkeypatch.context() as m:  # the same SecantusDB without this fix
         for name in ("_all_indexes", "_partial_filters", "_index_options_map",
                      "_multikey_index_names", "_coll_options", "_pick_compound_eq_index",
-                     "_find_leading_field_index"):
+                     "_find_leading_field_index", "index_is_multikey",
+                     "get_collection_options"):
             m.setattr(Storage, name, getattr(Storage, name).__wrapped__)
         want, _ = run("plain")
     assert got == want

@@ -2,9 +2,9 @@
 
 0.7.0b3 re-derives, on every command, the same facts from a collection's index catalog and
 collections-table row: the index list (``_all_indexes``), partial filters, the options map,
-the multikey set, which index serves an equality filter (``_pick_compound_eq_index``) or a
-leading field (``_find_leading_field_index``), and the decoded collection options
-(``_coll_options``, behind ``get_collection_options`` and ``_is_timeseries``, read several
+the multikey set and one index's multikey flag, which index serves an equality filter
+(``_pick_compound_eq_index``) or a leading field (``_find_leading_field_index``), and the
+decoded collection options (``_coll_options`` and ``get_collection_options``, read several
 times per ``find``/``update``). Under ``rlaunch rapidfire`` that was ~15% of the server's
 samples, although none of it changes between two index or collection DDL commands.
 
@@ -142,7 +142,25 @@ def patch_plan_cache(storage_cls: Any) -> None:
         return _memoised(self, db, coll, ("lead", field),
                          lambda: original_lead(self, db, coll, field, query), _same, rows)
 
+    original_multikey = storage_cls.index_is_multikey
+    original_options = storage_cls.get_collection_options
+
+    @functools.wraps(original_multikey)
+    def index_is_multikey(self: Any, db: str, coll: str, name: str) -> bool:
+        return _memoised(self, db, coll, ("multikey", name),
+                         lambda: original_multikey(self, db, coll, name), _same)
+
+    @functools.wraps(original_options)
+    def get_collection_options(self: Any, db: str, coll: str) -> dict[str, Any]:
+        if self.enable_oplog and db == "local":
+            return original_options(self, db, coll)  # synthetic oplog.rs options
+        self._refresh_read_snapshot()  # as the original does first
+        return _memoised(self, db, coll, "get_collection_options",
+                         lambda: original_options(self, db, coll), _copy)
+
     storage_cls._pick_compound_eq_index = _pick_compound_eq_index
     storage_cls._find_leading_field_index = _find_leading_field_index
+    storage_cls.index_is_multikey = index_is_multikey
+    storage_cls.get_collection_options = get_collection_options
     # Last, so the mark says every wrapper above is installed.
     per_collection("_coll_options", _copy)
