@@ -29,7 +29,9 @@ Why the cached rows are exactly what the walk would read:
   dropping every cached entry, and *ends* the same way once it has committed or rolled
   back: at once for an autocommit write, after the enclosing ``_batch_transaction``, or
   when the user transaction's session is closed (commit or abort). Nothing is stored
-  while any write is between begin and end.
+  while any write is between begin and end. Writes to the collections table (options per
+  collection; all through ``Storage._cursor`` too) are treated the same way, so that
+  :mod:`matcouple.store.secantus_plan_cache` can memoise collection options on the rows.
 * WiredTiger reads come from a snapshot, possibly older than the latest commit. Each
   thread records the generation just *before* its session's snapshot can have been taken:
   when ``_refresh_read_snapshot`` has really reset it, and when a ``_batch_transaction``
