@@ -5,7 +5,12 @@ database. Measures:
   * ingest rate (documents/s) of a data set into the materials collection;
   * Fireworks completed per second by one `rlaunch rapidfire` worker and by two concurrent
     workers, with 1,000 and 10,000 Fireworks on the LaunchPad, for matcouple's ScreenTask
-    Fireworks and for plain ScriptTask Fireworks (the ratio is matcouple's overhead).
+    Fireworks and for plain ScriptTask Fireworks (the ratio is matcouple's overhead), and
+    the server process's CPU time per Firework (steadier than wall time on shared cores).
+
+The server and the workers run the ``matcouple`` on ``PYTHONPATH`` when started from a
+folder without one, e.g. ``cd /tmp && PYTHONPATH=/other/checkout python
+/path/to/benchmarks/launchpad.py`` measures the other checkout's server and tasks.
 
 With more Fireworks than `--window`, the workers run `--window` launches while the LaunchPad
 holds all of them (throughput as a function of LaunchPad size); `--full` runs every one.
@@ -47,6 +52,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of process ``pid`` (the server), from /proc; 0 without it."""
+    stat = Path(f"/proc/{pid}/stat")
+    if pid is None or not stat.exists():
+        return 0.0
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _launchpad_file(folder: Path, server: EmbeddedServer, name: str) -> LaunchpadConfig:
@@ -97,6 +111,8 @@ def bench_fireworks(folder: Path, server: EmbeddedServer, kind: str, n: int, wor
     rlaunch = shutil.which("rlaunch", path=str(Path(sys.executable).parent)) or "rlaunch"
     env = {**os.environ, "MATCOUPLE_LAUNCHPAD": str(config.path)}
     procs = []
+    server_pid = server.status().pid
+    cpu0, load0 = _cpu_seconds(server_pid), os.getloadavg()[0]
     t0 = time.perf_counter()
     for w, count in enumerate(per_worker):
         cwd = folder / f"launch_{kind}_{n}_{workers}_{w}"
@@ -108,18 +124,23 @@ def bench_fireworks(folder: Path, server: EmbeddedServer, kind: str, n: int, wor
     for p in procs:
         p.wait()
     seconds = time.perf_counter() - t0
+    server_cpu = _cpu_seconds(server_pid) - cpu0
+    load1 = (load0 + os.getloadavg()[0]) / 2
     done = lp.fireworks.count_documents({"state": "COMPLETED"})
     fizzled = lp.fireworks.count_documents({"state": "FIZZLED"})
     for w in range(workers):
         shutil.rmtree(folder / f"launch_{kind}_{n}_{workers}_{w}", ignore_errors=True)
     rate = done / seconds
+    cpu_ms = 1e3 * server_cpu / max(done, 1)
     print(f"{kind:9s} {n:6d} Fireworks on the LaunchPad, {workers} worker(s): {done} completed "
           f"({fizzled} fizzled) in {seconds:.1f} s = {rate:.1f} FW/s, "
-          f"{rate / workers:.1f} FW/s per worker")
+          f"{rate / workers:.1f} FW/s per worker; server CPU {cpu_ms:.1f} ms per Firework "
+          f"(load average {load1:.1f})")
     lp.connection.drop_database(lp.name)
     return {"kind": kind, "fireworks_on_launchpad": n, "workers": workers, "completed": done,
             "fizzled": fizzled, "seconds": seconds, "fw_per_s": rate,
-            "fw_per_s_per_worker": rate / workers}
+            "fw_per_s_per_worker": rate / workers, "server_cpu_s": server_cpu,
+            "server_cpu_ms_per_fw": cpu_ms, "load1": load1}
 
 
 def plot(results: dict, path: Path) -> None:

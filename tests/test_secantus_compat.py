@@ -716,3 +716,163 @@ def test_update_entries_value_comparison_is_type_strict():
     assert not _same_paths({"spec": {}}, {"spec": {"_priority": None}}, spec)
     assert not _same_paths({"spec": [{"_priority": 1}]}, {"spec": [{"_priority": 2}]}, spec)
     assert not _same_paths({"spec": 5}, {}, spec)
+
+
+# Catalog-derived answers memoised (matcouple.store.secantus_plan_cache): the same answers
+# as without the memo, after every kind of index and collection DDL.
+
+_PLAIN_INDEXES = [
+    ("fw_id_1", {"fw_id": 1}, {"unique": True}),
+    ("state_1", {"state": 1}, {}),
+    ("claim", {"state": -1, "spec._priority": -1, "created_on": 1}, {}),
+    ("launches_1", {"launches": 1}, {}),
+]
+_PICKS = [  # (filter, collation): asked of both pickers on both collections
+    ({"fw_id": 3}, None), ({"state": "READY"}, None),
+    ({"state": "READY", "spec._priority": 1}, None), ({"launches": 3, "state": "X"}, None),
+    ({"tag": "t1"}, None), ({"tag": None}, None),  # sparse: usable for one, not the other
+    ({"n": 11}, None), ({"n": 3}, None),  # partial: implied by one, not the other
+    ({"name": "fw-5"}, None), ({"name": "fw-5"}, {"locale": "en", "strength": 2}),
+]
+
+
+def _catalog_answers(st, colls: tuple[str, ...] = ("fw", "plain")) -> list:
+    """Every memoised answer, each asked twice (the second may come from the memo); the
+    caller's copies are then scribbled on, which must not reach the next answer."""
+    from secantus.storage import _parse_index_collation
+
+    out = []
+    st._refresh_read_snapshot()
+    for coll in colls:
+        for _ in range(2):
+            answers = [st._all_indexes("d", coll), st._partial_filters("d", coll),
+                       st._index_options_map("d", coll), st._multikey_index_names("d", coll),
+                       st._coll_options("d", coll), st.get_collection_options("d", coll),
+                       st._is_timeseries("d", coll),
+                       [st.index_is_multikey("d", coll, n) for n in ("launches_1", "state_1")]]
+            for filt, coll_spec in _PICKS:
+                collation = _parse_index_collation(coll_spec)
+                answers.append(st._pick_compound_eq_index("d", coll, filt,
+                                                          collation=collation))
+                field = next(iter(filt))
+                answers.append(st._find_leading_field_index("d", coll, field, filt,
+                                                            collation=collation))
+                answers.append(sorted(st.find_matching("d", coll, filt),
+                                      key=lambda doc: repr(doc["_id"])))
+            # A collection's uuid is random: compare its type, not its value.
+            out.append(repr([{k: type(v).__name__ if k == "uuid" else v for k, v in a.items()}
+                             if isinstance(a, dict) else a for a in answers]))
+            for value in answers:  # the callers' own copies
+                if isinstance(value, dict | set):
+                    value.clear()
+                elif isinstance(value, list):
+                    for item in value:
+                        if isinstance(item, tuple) and len(item) == 4:
+                            item[1].clear()
+                elif isinstance(value, tuple) and len(value) == 2:
+                    value[1].clear()
+    st.release_thread_snapshot()
+    return out
+
+
+def _run_ddl_sequence(st) -> list:
+    docs = [{"_id": i, "fw_id": i, "state": "READY" if i % 3 else "WAITING",
+             "spec": {"_priority": i % 4}, "created_on": i, "launches": i, "name": f"fw-{i}",
+             "n": i, "a": i, "b": i, **({"tag": f"t{i % 2}"} if i % 2 else {})}
+            for i in range(1, 20)]
+    st.insert("d", "fw", docs)
+    st.insert("d", "plain", docs)
+    for name, key_spec, options in _FW_LIKE_INDEXES:
+        st.create_index("d", "fw", name, key_spec, options)
+    for name, key_spec, options in _PLAIN_INDEXES:
+        st.create_index("d", "plain", name, key_spec, options)
+    steps = [
+        lambda: None,
+        lambda: st.drop_index("d", "plain", "state_1"),  # {state} now picks "claim"
+        lambda: st.create_index("d", "plain", "state_1", {"state": 1}, {}),
+        lambda: st.create_index("d", "plain", "tag_1", {"tag": 1}, {"sparse": True}),
+        lambda: st.drop_index("d", "plain", "tag_1"),
+        lambda: st.insert("d", "plain", [{"_id": 50, "fw_id": 50, "launches": [1, 2]}]),
+        lambda: st.set_collection_options("d", "plain", validator={"n": {"$gte": 0}}),
+        lambda: st.set_collection_options("d", "plain", validationLevel="off"),
+        lambda: st.drop_collection("d", "plain"),
+        lambda: st.create_collection("d", "plain", {"capped": True, "size": 4096}),
+        lambda: st.create_index("d", "plain", "fw_id_1", {"fw_id": 1}, {"unique": True}),
+        lambda: st.rename_collection("d", "plain", "d", "renamed"),
+        lambda: st.rename_collection("d", "renamed", "d", "plain"),
+        lambda: st.drop_database("d"),
+    ]
+    out = []
+    for step in steps:
+        step()
+        out.extend(_catalog_answers(st))
+    return out
+
+
+def test_plan_cache_answers_equal_the_unmemoised_ones_across_ddl(tmp_path, monkeypatch):
+    assert secantus_compat.apply()
+    from secantus.storage import Storage
+
+    from matcouple.store.secantus_plan_cache import memo_stats
+
+    def run(folder: str) -> list:
+        store = Storage(str(tmp_path / folder), enable_oplog=False)
+        try:
+            answers = _run_ddl_sequence(store)
+            store.insert("d", "again", [{"_id": 1, "a": 1}])
+            store.create_index("d", "again", "a_1", {"a": 1}, {})
+            _catalog_answers(store, ("again",))
+            return answers, memo_stats(store)["values"]
+        finally:
+            store.close()
+
+    got, memoised = run("memo")
+    assert memoised > 5  # the memo was filled (and, by the asking twice, used)
+    with monkeypatch.context() as m:  # the same SecantusDB without this fix
+        for name in ("_all_indexes", "_partial_filters", "_index_options_map",
+                     "_multikey_index_names", "_coll_options", "_pick_compound_eq_index",
+                     "_find_leading_field_index", "index_is_multikey",
+                     "get_collection_options"):
+            m.setattr(Storage, name, getattr(Storage, name).__wrapped__)
+        want, _ = run("plain")
+    assert got == want
+
+
+def test_plan_cache_is_not_used_or_filled_from_an_older_snapshot(storage):
+    """A reader whose snapshot predates an index drop gets the old choice of index (as
+    0.7.0b3 does); neither it nor later readers may see a memo from the other catalog."""
+    import threading
+
+    from secantus import storage as storage_mod
+
+    st = storage
+    st.insert("d", "c", [{"_id": i, "state": "R", "p": i} for i in range(5)])
+    st.create_index("d", "c", "state_1", {"state": 1}, {})
+    st.create_index("d", "c", "state_p", {"state": 1, "p": 1}, {})
+    st._refresh_read_snapshot()
+    for _ in range(2):
+        assert st._pick_compound_eq_index("d", "c", {"state": "R"})[0] == "state_1"
+    pinned, written = threading.Event(), threading.Event()
+    seen: dict = {}
+
+    def old_reader() -> None:
+        st._refresh_read_snapshot()
+        st._cursor(storage_mod._COLL_TABLE).next()  # pins this session's snapshot
+        pinned.set()
+        written.wait(30)
+        seen["old"] = [st._pick_compound_eq_index("d", "c", {"state": "R"})
+                       for _ in range(2)]
+        st.release_thread_snapshot()
+
+    t = threading.Thread(target=old_reader)
+    t.start()
+    pinned.wait(30)
+    _in_thread(lambda: st.drop_index("d", "c", "state_1"))
+    written.set()
+    t.join(30)
+    assert [p[0] for p in seen["old"]] == ["state_1", "state_1"]
+    st._refresh_read_snapshot()
+    for _ in range(3):
+        assert st._pick_compound_eq_index("d", "c", {"state": "R"})[0] == "state_p"
+        assert _in_thread(
+            lambda: st._pick_compound_eq_index("d", "c", {"state": "R"})[0]) == "state_p"

@@ -29,7 +29,9 @@ Why the cached rows are exactly what the walk would read:
   dropping every cached entry, and *ends* the same way once it has committed or rolled
   back: at once for an autocommit write, after the enclosing ``_batch_transaction``, or
   when the user transaction's session is closed (commit or abort). Nothing is stored
-  while any write is between begin and end.
+  while any write is between begin and end. Writes to the collections table (options per
+  collection; all through ``Storage._cursor`` too) are treated the same way, so that
+  :mod:`matcouple.store.secantus_plan_cache` can memoise collection options on the rows.
 * WiredTiger reads come from a snapshot, possibly older than the latest commit. Each
   thread records the generation just *before* its session's snapshot can have been taken:
   when ``_refresh_read_snapshot`` has really reset it, and when a ``_batch_transaction``
@@ -71,6 +73,8 @@ _CATALOG_ATTR = "_matcouple_index_catalog"
 _CATALOG_INIT = threading.Lock()
 # Values bson.decode returns that nobody can mutate in place; anything else is deep-copied.
 _IMMUTABLE = (str, int, float, bool, type(None), bytes, datetime.datetime, uuid.UUID)
+# Storage class -> (its unwrapped ``_cursor``, the catalog table's name), set when patched.
+_RAW_CATALOG_CURSOR: dict[type, tuple[Any, str]] = {}
 
 
 class _IndexCatalog:
@@ -107,6 +111,13 @@ class _IndexCatalog:
             self.gen += 1
             self.inflight -= n
             self.entries.clear()
+
+
+class _Rows(tuple):
+    """The cached rows of one (db, coll): a new object per store, even when empty (``()`` is
+    a shared singleton), so that identity tells one stored catalog from another."""
+
+    __slots__ = ()
 
 
 def _catalog(storage: Any) -> _IndexCatalog:
@@ -223,23 +234,53 @@ def _snapshot_gen(storage: Any, cache: _IndexCatalog) -> int | None:
     return fresh[1]
 
 
+def cached_rows(storage: Any, db: str, coll: str) -> tuple[Any, ...] | None:
+    """The cached catalog rows of (db, coll) if this thread's snapshot may use them, else None.
+
+    A non-None answer means: the snapshot this thread reads from saw exactly the committed
+    catalog (and collections table) of the current generation, and outside a transaction a
+    catalog cursor is left positioned to keep that snapshot. The same tuple object is
+    served until the next catalog write, so values derived from it may be memoised on it.
+    """
+    cache = _catalog(storage)
+    gen = _snapshot_gen(storage, cache)
+    if gen is None or gen != cache.gen:
+        return None
+    rows = cache.entries.get((db, coll))
+    if rows is None:
+        return None
+    if getattr(cache.local, "depth", 0):
+        return rows  # in a _batch_transaction: snapshot taken at its begin
+    # Outside a transaction a positioned cursor pins the session's snapshot: leave one
+    # positioned, as the original walk does, then check nothing changed since the
+    # record (so the pinned snapshot holds exactly these rows).
+    raw = _RAW_CATALOG_CURSOR.get(type(storage))
+    if raw is None or raw[0](storage, raw[1]).next() != 0 or cache.gen != gen:
+        return None
+    return rows
+
+
 def patch_index_catalog_cache(storage_cls: Any) -> None:
     from secantus import storage as storage_mod
 
     if getattr(storage_cls._iter_indexes, _CATALOG_MARK, False):
         return
     idx_table = storage_mod._IDX_TABLE
+    # The collections table (options per collection) is watched too, so that the same
+    # generation argument covers the collection options cached by secantus_plan_cache.
+    watched = (idx_table, storage_mod._COLL_TABLE)
     original_iter = storage_cls._iter_indexes
     original_cursor = storage_cls._cursor
     original_refresh = storage_cls._refresh_read_snapshot
     original_batch = storage_cls._batch_transaction
     original_install = storage_cls._install_txn_session
     original_close = storage_cls._close_user_txn_session
+    _RAW_CATALOG_CURSOR[storage_cls] = (original_cursor, idx_table)
 
     @functools.wraps(original_cursor)
     def _cursor(self: Any, table: str, *, overwrite: bool = True) -> Any:
         c = original_cursor(self, table, overwrite=overwrite)
-        return _CatalogCursor(c, self) if table == idx_table else c
+        return _CatalogCursor(c, self) if table in watched else c
 
     @functools.wraps(original_refresh)
     def _refresh_read_snapshot(self: Any) -> None:
@@ -308,26 +349,10 @@ def patch_index_catalog_cache(storage_cls: Any) -> None:
             if record is not None:
                 cache.end_writes(record[1])
 
-    def _cached(self: Any, cache: _IndexCatalog, db: str, coll: str) -> Any:
-        gen = _snapshot_gen(self, cache)
-        if gen is None or gen != cache.gen:
-            return None
-        rows = cache.entries.get((db, coll))
-        if rows is None:
-            return None
-        if getattr(cache.local, "depth", 0):
-            return rows  # in a _batch_transaction: snapshot taken at its begin
-        # Outside a transaction a positioned cursor pins the session's snapshot: leave one
-        # positioned, as the original walk does, then check nothing changed since the
-        # record (so the pinned snapshot holds exactly these rows).
-        if original_cursor(self, idx_table).next() != 0 or cache.gen != gen:
-            return None
-        return rows
-
     @functools.wraps(original_iter)
     def _iter_indexes(self: Any, db: str, coll: str) -> Any:
         cache = _catalog(self)
-        rows = _cached(self, cache, db, coll)
+        rows = cached_rows(self, db, coll)
         if rows is not None:
             cache.hits += 1
             for name, key_spec, opts, key_flat, opts_flat in rows:
@@ -338,7 +363,7 @@ def patch_index_catalog_cache(storage_cls: Any) -> None:
         gen = _snapshot_gen(self, cache)
         decoded = list(original_iter(self, db, coll))
         if gen is not None:
-            frozen = tuple((name, _copy(key_spec), _copy(opts), _flat(key_spec), _flat(opts))
+            frozen = _Rows((name, _copy(key_spec), _copy(opts), _flat(key_spec), _flat(opts))
                            for name, key_spec, opts in decoded)
             with cache.mutex:
                 if cache.gen == gen and cache.inflight == 0:

@@ -43,7 +43,9 @@ after ``lpad admin tuneup --full`` (foreground) fails with IndexKeySpecsConflict
 
 A fifth fix caches the decoded index catalog: see
 :mod:`matcouple.store.secantus_catalog_cache`. A sixth skips rewriting the index entries
-an update leaves unchanged: see :mod:`matcouple.store.secantus_update_entries`.
+an update leaves unchanged: see :mod:`matcouple.store.secantus_update_entries`. A seventh
+memoises what each command re-derives from that catalog (index choice, collection
+options): see :mod:`matcouple.store.secantus_plan_cache`.
 
 :func:`apply` patches only the versions listed in :data:`FIXED_VERSIONS`; for any other
 version it does nothing, so an upgrade can never be silently altered by a stale patch.
@@ -55,6 +57,7 @@ import functools
 from typing import Any
 
 from matcouple.store.secantus_catalog_cache import patch_index_catalog_cache
+from matcouple.store.secantus_plan_cache import patch_plan_cache
 from matcouple.store.secantus_update_entries import patch_update_index_entries
 
 FIXED_VERSIONS = frozenset({"0.7.0b3"})
@@ -96,6 +99,7 @@ def apply() -> bool:
     _patch_ordered_find(Storage)
     patch_index_catalog_cache(Storage)
     patch_update_index_entries(Storage)
+    patch_plan_cache(Storage)
     return True
 
 

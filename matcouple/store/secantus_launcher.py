@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("matcouple").warning(
         "matcouple compatibility layer for SecantusDB: %s",
         "active (findAndModify _id narrowing, ordered claims, index catalog cache, "
-        "unchanged index entries kept)"
+        "unchanged index entries kept, catalog-derived answers memoised)"
         if patched else "not needed for this version",
     )
     return secantus_main(rest)
