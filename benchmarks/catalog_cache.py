@@ -44,16 +44,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def indexed_fireworks(client: pymongo.MongoClient) -> pymongo.collection.Collection:
+    """A ``fireworks`` collection with the indexes FireWorks creates."""
+    coll = client.bench.fireworks
+    for spec in FW_INDEXES:
+        keys, opts = spec if isinstance(spec, tuple) else (spec, {})
+        coll.create_index(keys, **opts)
+    return coll
+
+
 def run(docs: int, ops: int) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="mc-catalog-"))
     server = EmbeddedServer("127.0.0.1", _free_port(), folder / "db", folder / "run")
     server.start()
     try:
         client = pymongo.MongoClient(server.host, server.port)
-        coll = client.bench.fireworks
-        for spec in FW_INDEXES:
-            keys, opts = spec if isinstance(spec, tuple) else (spec, {})
-            coll.create_index(keys, **opts)
+        coll = indexed_fireworks(client)
         now = datetime.datetime.now(datetime.UTC)
         coll.insert_many([{"fw_id": i, "state": "READY", "name": f"fw-{i}",
                            "spec": {"_category": "", "_priority": i % 5, "task": "x" * 200},
@@ -84,12 +90,17 @@ def run(docs: int, ops: int) -> dict:
             "load1_before": load_before, "load1_after": load_after}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+def docs_ops_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options of the per-command server benchmarks: collection size and calls."""
+    parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=1000)
     parser.add_argument("--ops", type=int, default=2000)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = docs_ops_parser(__doc__).parse_args()
     import matcouple
 
     r = run(args.docs, args.ops)

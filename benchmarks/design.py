@@ -129,7 +129,9 @@ def summarize(report: dict, checks: list[dict], offset: float | None, seconds: f
     return out
 
 
-def plot_checks(checks: list[dict], offset: float | None, path: Path) -> None:
+def plot_checks(checks: list[dict], offset: float | None, path: Path,
+                label: str = "AI-accepted", group: str | None = None) -> None:
+    """AI vs DFT with the +-0.12 band; one series per value of ``group`` when given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,8 +140,11 @@ def plot_checks(checks: list[dict], offset: float | None, path: Path) -> None:
     ok = [r for r in checks if isinstance(r.get("error"), float)]
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
     if ok:
-        ax.errorbar([r["dft"] for r in ok], [r["ai"] for r in ok],
-                    yerr=[r["sigma"] for r in ok], fmt="o", capsize=2, label="AI-accepted")
+        series = sorted({r[group] for r in ok}) if group else [label]
+        for name in series:
+            mine = [r for r in ok if not group or r[group] == name]
+            ax.errorbar([r["dft"] for r in mine], [r["ai"] for r in mine],
+                        yerr=[r["sigma"] for r in mine], fmt="o", capsize=2, label=name)
         lo = min(min(r["dft"] for r in ok), min(r["ai"] for r in ok)) - 0.2
         hi = max(max(r["dft"] for r in ok), max(r["ai"] for r in ok)) + 0.2
         ax.plot([lo, hi], [lo, hi], "k-", lw=1)

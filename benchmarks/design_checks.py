@@ -16,8 +16,9 @@ import json
 import math
 from pathlib import Path
 
+from design import ERROR_BOUND, plot_checks
+
 RESULTS = Path(__file__).resolve().parent / "results"
-ERROR_BOUND = 0.12
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -49,30 +50,6 @@ def pooled_checks(paths: list[Path]) -> dict:
             "mae": sum(abs(r["error"]) for r in rows) / len(rows) if rows else None}
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    for run in sorted({r["run"] for r in rows}):
-        mine = [r for r in rows if r["run"] == run]
-        ax.errorbar([r["dft"] for r in mine], [r["ai"] for r in mine],
-                    yerr=[r["sigma"] for r in mine], fmt="o", ms=4, label=run)
-    values = [v for r in rows for v in (r["dft"], r["ai"])]
-    lo, hi = min(values) - 0.1, max(values) + 0.1
-    ax.plot([lo, hi], [lo, hi], "k-", lw=1)
-    ax.fill_between([lo, hi], [lo - ERROR_BOUND, hi - ERROR_BOUND],
-                    [lo + ERROR_BOUND, hi + ERROR_BOUND], color="k", alpha=0.1)
-    ax.set_xlabel("DFT formation energy (eV/atom)")
-    ax.set_ylabel("Crysformer ± sigma (eV/atom)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="design.py JSON files")
@@ -88,7 +65,8 @@ def main() -> None:
         print(f"pooled: {summary['within']}/{summary['checked']} within {ERROR_BOUND} "
               f"eV/atom ({summary['within_fraction']:.0%}, 95% interval {low:.0%}-{high:.0%}),"
               f" MAE {summary['mae']:.3f} eV/atom; {summary['check_failures']} failed checks")
-        plot(summary["checks"], args.out.with_suffix(".png"))
+        plot_checks(summary["checks"], None, args.out.with_suffix(".png"),
+                    group="run")
     else:
         print(f"no successful checks in {len(args.runs)} run(s)")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ the same command compares two checkouts:
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import shutil
@@ -26,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pymongo
-from catalog_cache import FW_INDEXES, _free_port
+from catalog_cache import _free_port, docs_ops_parser, indexed_fireworks
 
 from matcouple.store.server import EmbeddedServer
 
@@ -60,10 +59,7 @@ def run(docs: int, ops: int) -> dict:
     out: dict = {"docs": docs, "ops": ops, "load1_before": os.getloadavg()[0], "shapes": {}}
     try:
         client = pymongo.MongoClient(server.host, server.port)
-        coll = client.bench.fireworks
-        for spec in FW_INDEXES:
-            keys, opts = spec if isinstance(spec, tuple) else (spec, {})
-            coll.create_index(keys, **opts)
+        coll = indexed_fireworks(client)
         now = datetime.datetime.now(datetime.UTC)
         coll.insert_many([{"fw_id": i, "state": "READY" if i % 10 == 0 else "COMPLETED",
                            "name": f"fw-{i}",
@@ -88,11 +84,7 @@ def run(docs: int, ops: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--docs", type=int, default=1000)
-    parser.add_argument("--ops", type=int, default=2000)
-    args = parser.parse_args()
+    args = docs_ops_parser(__doc__).parse_args()
     import matcouple
 
     r = run(args.docs, args.ops)
