@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--formula-units", default="1")
     parser.add_argument("--tau", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="generator seed: other seeds, other candidates")
     parser.add_argument("--prerelax", default="", help="none or chgnet (default: settings)")
     parser.add_argument("--check", type=int, default=3,
                         help="AI-accepted candidates to check with DFT")
@@ -204,7 +206,7 @@ def main() -> None:
         cfg = dr.DesignConfig(
             request=req, run=run, max_iterations=args.max_iterations, max_dft=args.max_dft,
             batch_size=args.batch_size, steps=args.steps, tau=args.tau,
-            prerelax=args.prerelax,
+            prerelax=args.prerelax, seed=args.seed,
             formula_units=[int(z) for z in args.formula_units.split(",")],
             launchpad_file=str(config.path.resolve()))
         start = time.monotonic()
