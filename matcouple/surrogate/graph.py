@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pymatgen.core import Element, Lattice, Structure
+from pymatgen.core import Element, Lattice, Species, Structure
 
 from matcouple.errors import StructureInputError
 from matcouple.surrogate.atom_features import MAX_Z
@@ -103,11 +103,11 @@ def compact_crystal(structure: Structure) -> CompactCrystal | Structure:
     15.5 s -> 11.1 s). Disordered cells, and cells with anything but elements or ions, are
     passed whole so they fail exactly as they would in-process.
     """
-    if not structure.is_ordered or not all(
-            isinstance(sp, Element) or hasattr(sp, "element") for sp in structure.species):
+    species = structure.species if structure.is_ordered else []
+    if not species or not all(isinstance(sp, Element) or type(sp) is Species
+                              for sp in species):
         return structure
-    return (structure.lattice.matrix, [sp.Z for sp in structure.species],
-            structure.frac_coords)
+    return (structure.lattice.matrix, [sp.Z for sp in species], structure.frac_coords)
 
 
 def crystal_from_compact(item: CompactCrystal | Structure) -> Structure:
