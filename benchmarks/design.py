@@ -76,7 +76,7 @@ def engine_offset(preset: str, given: float | None) -> tuple[float | None, str]:
 
 
 CHECK_POOLS = {
-    # what the policy accepted: sigma <= tau and p_match >= its threshold
+    # what the policy accepted: sigma <= tau (and p_match >= the run's gate, if it has one)
     "accepted": lambda run, tau: {"run": run, "status": "accepted"},
     # what tau alone promises: every predicted candidate with sigma <= tau, whatever p_match
     "sigma": lambda run, tau: {"run": run, "prediction.sigma": {"$lte": tau}},
@@ -84,8 +84,13 @@ CHECK_POOLS = {
 
 
 def check_accepted(db, report: dict, cfg: dr.DesignConfig, n: int, workdir: Path,
-                   pool: str = "accepted") -> list[dict]:
-    """DFT on up to ``n`` candidates of ``pool``; AI value, DFT value and error per row."""
+                   pool: str = "accepted", partial: Path | None = None) -> list[dict]:
+    """DFT on up to ``n`` candidates of ``pool``; AI value, DFT value and error per row.
+
+    Checks take minutes each, so the rows so far are rewritten to ``partial`` after each
+    one: a run stopped for time keeps what it measured."""
+    if n <= 0:  # (a Mongo limit of 0 would mean "no limit")
+        return []
     engine = get_engine(cfg.engine)
     refs = ReferenceEnergies(db, engine, cfg.preset, workdir=workdir)
     accepted = list(dr.candidates(db).find(CHECK_POOLS[pool](report["run"], cfg.tau))
@@ -109,6 +114,9 @@ def check_accepted(db, report: dict, cfg: dr.DesignConfig, n: int, workdir: Path
                      "seconds": round(time.monotonic() - start, 1)})
         print(f"  check {cand['_id']}: AI {ai:.3f}, DFT "
               f"{result.formation_energy_per_atom:.3f} eV/atom", flush=True)
+        if partial is not None:
+            partial.write_text(json.dumps({"run": report["run"], "tau": cfg.tau,
+                                           "check_pool": pool, "checks": rows}, indent=1))
     return rows
 
 
@@ -217,7 +225,7 @@ def main() -> None:
         cfg = dr.run_config(db, run)
         print(f"run {run}: {seconds:.0f} s, counts {report['counts']}", flush=True)
         checks = check_accepted(db, report, cfg, args.check, tmp / "checks",
-                                args.check_pool)
+                                args.check_pool, RESULTS / f"{args.name}.partial.json")
         offset, offset_from = engine_offset(cfg.preset, args.offset)
         summary = {**summarize(report, checks, offset, seconds), "request": args.request,
                    "engine": cfg.engine, "preset": cfg.preset, "tau": cfg.tau,

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from matcouple.coordinate.policy import ACCEPT, DFT, PolicyError, decide, default_tau
+from matcouple.settings import get_settings
 
 
 def test_default_tau_is_bound_over_two_sided_z():
@@ -37,14 +38,32 @@ def test_decisions_and_reasons():
         decide(0.01, 0.0)
 
 
-def test_match_probability_gate():
+def test_match_probability_gate(monkeypatch):
     tau = default_tau()
-    assert decide(0.01, tau, p_match=0.9).action == ACCEPT
-    d = decide(0.01, tau, p_match=0.3)  # settings default threshold 0.5
+    # default: no gate; sigma decides and p_match is kept on the decision
+    d = decide(0.01, tau, p_match=0.3)
+    assert d.action == ACCEPT and d.p_match == 0.3
+    assert decide(0.01, tau, p_match=float("nan")).action == ACCEPT
+    # a gate given by the caller
+    d = decide(0.01, tau, p_match=0.3, p_match_min=0.5)
     assert d.action == DFT and d.p_match == 0.3 and "p_match 0.300 < 0.500" in d.reason
+    assert decide(0.01, tau, p_match=0.9, p_match_min=0.5).action == ACCEPT
     assert decide(0.01, tau, p_match=0.3, p_match_min=0.2).action == ACCEPT
-    assert decide(0.01, tau, p_match=float("nan")).action == DFT
-    assert decide(0.5, tau, p_match=0.99).action == DFT  # sigma still decides
+    assert decide(0.01, tau, p_match=float("nan"), p_match_min=0.5).action == DFT
+    assert decide(0.5, tau, p_match=0.99, p_match_min=0.5).action == DFT  # sigma still decides
+    assert decide(0.01, tau, p_match_min=0.5).action == ACCEPT  # not generated: no p_match
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(PolicyError, match="p_match"):
+            decide(0.01, tau, p_match=0.3, p_match_min=bad)
+    # ... or by the environment
+    monkeypatch.setenv("MATCOUPLE_DESIGN_P_MATCH_MIN", "0.5")
+    get_settings.cache_clear()
+    try:
+        assert decide(0.01, tau, p_match=0.3).action == DFT
+        assert decide(0.01, tau, p_match=0.6).action == ACCEPT
+    finally:
+        monkeypatch.delenv("MATCOUPLE_DESIGN_P_MATCH_MIN")
+        get_settings.cache_clear()
 
 
 def test_accepted_accuracy_by_hand():

@@ -137,10 +137,10 @@ def test_policy_branches_with_real_predictions(launchpad_config, cli_env, rocksa
     assert any(n.startswith("dft gpaw-fast") for n in names)
     assert any(n.startswith("design file") for n in names)
     assert 0.0 <= cand["decision"]["p_match"] <= 1.0  # the match discriminator's p_match
-    # tau above it (and any p_match trusted): accepted, no DFT appended.
-    db, action = _decide_with_tau(launchpad_config, rocksalt, pred.sigma * 2, "high-tau",
-                                  p_match_min=0.0)
+    # tau above it: accepted (by default p_match is recorded, not a gate), no DFT appended.
+    db, action = _decide_with_tau(launchpad_config, rocksalt, pred.sigma * 2, "high-tau")
     (cand,) = dr.iteration_candidates(db, "high-tau", 1)
+    assert dr.run_config(db, "high-tau").p_match_min == 0.0
     assert cand["status"] == "accepted" and cand["value"] == pytest.approx(pred.value)
     assert cand["meets_target"] is True
     assert not [wf for wf in action.additions if wf.name.startswith("design dft")]
@@ -151,6 +151,7 @@ def test_policy_branches_with_real_predictions(launchpad_config, cli_env, rocksa
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert data["counts"]["ai_accepted"] == 1 and data["counts"]["unique"] == 1
     assert data["unique"][0]["source"] == "AI" and data["unique"][0]["spacegroup"] == "Fm-3m"
+    assert data["unique"][0]["p_match"] == pytest.approx(cand["decision"]["p_match"])
     assert (tmp_path / "rep" / "iterations.png").stat().st_size > 0
     assert "Fm-3m" in proc.stdout
     # ... and a p_match threshold above the structure's p_match sends it to DFT.

@@ -92,6 +92,10 @@ def design(
                                       help="Formula units per cell, e.g. 1,2 (default: all "
                                       "that fit the generator)."),
     tau: float = typer.Option(None, help="Sigma threshold (default: 0.12 eV/atom at 90%)."),
+    p_match_min: float = typer.Option(None, "--p-match-min", help="Also require the match "
+                                      "discriminator's p_match >= this to accept a generated "
+                                      "structure (default $MATCOUPLE_DESIGN_P_MATCH_MIN or 0: "
+                                      "no gate; p_match is recorded either way)."),
     prerelax: str = typer.Option(None, help="Pre-relax generated candidates before the AI "
                                  "judges them: none or chgnet (the [mlip] extra; default "
                                  "$MATCOUPLE_PRERELAX or none)."),
@@ -128,7 +132,8 @@ def design(
                 engine=engine or "", preset=preset or "",
                 max_iterations=max_iterations or 0,
                 max_dft=-1 if max_dft is None else max_dft, batch_size=batch_size or 0,
-                steps=steps or 0, seed=seed, tau=tau, launchpad_file=str(config.path.resolve()),
+                steps=steps or 0, seed=seed, tau=tau, p_match_min=p_match_min,
+                launchpad_file=str(config.path.resolve()),
                 formula_units=_units(formula_units), prerelax=prerelax or "")
             if llm_configured():
                 console.print("planner: LLM at $MATCOUPLE_LLM_URL chooses the tools")

@@ -52,7 +52,7 @@ class DesignConfig:
     prerelax: str = ""
 
     def resolved(self) -> DesignConfig:
-        """Defaults filled in from settings (engine, preset, limits, tau)."""
+        """Defaults filled in from settings (engine, preset, limits, tau, p_match gate)."""
         from matcouple.coordinate.policy import default_tau
 
         s = get_settings()
@@ -65,7 +65,9 @@ class DesignConfig:
             steps=self.steps or s.design_steps or s.generation_steps, seed=self.seed,
             formula_units=list(self.formula_units or s.design_formula_units),
             tau=default_tau() if self.tau is None else float(self.tau),
-            p_match_min=self.p_match_min, launchpad_file=self.launchpad_file,
+            p_match_min=(s.design_p_match_min if self.p_match_min is None
+                         else float(self.p_match_min)),
+            launchpad_file=self.launchpad_file,
             prerelax=self.prerelax or s.design_prerelax)
 
     def as_dict(self) -> dict[str, Any]:

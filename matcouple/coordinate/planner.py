@@ -143,13 +143,12 @@ def decide_step(db: Database, run: str, iteration: int, owner: str) -> DecideOut
     structures = [Structure.from_dict(c["structure"]) for c in mine]
     preds = predict_properties([(c["_id"], s) for c, s in zip(mine, structures, strict=True)],
                                target.label, model_dir=current_model_dir(db))
-    p_matches, threshold = p_match_of(structures)
-    p_match_min = threshold if cfg.p_match_min is None else cfg.p_match_min
+    p_matches, _ = p_match_of(structures)
     for cand, structure, pred, p_match in zip(mine, structures, preds, p_matches,
                                               strict=True):
         cid = cand["_id"]
         out.model_version = pred.model_version
-        decision = decide(pred.sigma, cfg.tau, p_match=p_match, p_match_min=p_match_min)
+        decision = decide(pred.sigma, cfg.tau, p_match=p_match, p_match_min=cfg.p_match_min)
         record = {"prediction": {"value": pred.value, "sigma": pred.sigma,
                                  "model_version": pred.model_version, "error": pred.error},
                   "decision": {"action": decision.action, "reason": decision.reason,

@@ -60,11 +60,12 @@ def _usable(value: float | None) -> bool:
 
 def decide(sigma: float | None, tau: float, p_match: float | None = None,
            p_match_min: float | None = None) -> Decision:
-    """Accept when sigma <= tau (and, for a generated structure with a match probability,
-    p_match >= p_match_min, default ``Settings.design_p_match_min``); otherwise DFT.
+    """Accept when sigma <= tau; otherwise DFT. With a p_match gate (``p_match_min`` > 0,
+    default ``Settings.design_p_match_min``, 0 = no gate) a generated structure also needs
+    p_match >= p_match_min; p_match is kept on the decision either way.
 
-    A missing or NaN sigma, or a NaN p_match, means the model cannot vouch for the
-    prediction, so the answer is DFT with a reason that says so.
+    A missing or NaN sigma, or a NaN p_match under a gate, means the model cannot vouch
+    for the prediction, so the answer is DFT with a reason that says so.
     """
     if not (_usable(tau) and tau > 0):
         raise PolicyError(f"tau must be a positive number of eV/atom, got {tau}")
@@ -73,8 +74,10 @@ def decide(sigma: float | None, tau: float, p_match: float | None = None,
     if not _usable(sigma) or sigma < 0:
         return Decision(DFT, f"no usable uncertainty (sigma={sigma}): DFT", sigma, tau,
                         p_match)
-    if p_match is not None:
-        threshold = get_settings().design_p_match_min if p_match_min is None else p_match_min
+    threshold = get_settings().design_p_match_min if p_match_min is None else p_match_min
+    if not (math.isfinite(threshold) and 0 <= threshold <= 1):
+        raise PolicyError(f"p_match threshold must lie in [0, 1] (0 = no gate), got {threshold}")
+    if p_match is not None and threshold > 0:
         if not _usable(p_match):
             return Decision(DFT, f"no usable match probability (p_match={p_match}): DFT",
                             sigma, tau, p_match)

@@ -50,7 +50,8 @@ def unique_structures(cands: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "spacegroup": sg["symbol"], "spacegroup_number": int(sg["number"]),
                      "nsites": len(structure), "material_id": cand.get("material_id") or
                      (cand.get("dft") or {}).get("material_id"),
-                     "ai_value": pred.get("value"), "ai_sigma": pred.get("sigma")})
+                     "ai_value": pred.get("value"), "ai_sigma": pred.get("sigma"),
+                     "p_match": (cand.get("decision") or {}).get("p_match")})
     return rows
 
 
@@ -199,10 +200,16 @@ def report_tables(report: dict[str, Any]):
     unit = report["request"]["target"]["unit"]
     table = Table(title=f"design {report['run']}: {report['counts']['unique']} unique "
                         f"structure(s) with {report['target']}")
-    for col in ("#", "formula", f"value ({unit})", "source", "space group", "sites", "id"):
+    for col in ("#", "formula", f"value ({unit})", "source", "AI sigma", "p_match",
+                "space group", "sites", "id"):
         table.add_column(col)
+
+    def number(value: float | None) -> str:
+        return "" if value is None else f"{value:.3f}"
+
     for k, row in enumerate(report["unique"], 1):
         table.add_row(str(k), row["formula"], f"{row['value']:.3f}", row["source"],
+                      number(row.get("ai_sigma")), number(row.get("p_match")),
                       f"{row['spacegroup']} ({row['spacegroup_number']})", str(row["nsites"]),
                       str(row["material_id"] or row["id"]))
     counts = Table(title="counts")

@@ -7,6 +7,7 @@ file never costs the rest of a batch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections import deque
@@ -18,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from pymatgen.core import Structure
-from torch_geometric.data import Batch, Data
+from torch_geometric.data import Data
 
 from matcouple.errors import MatcoupleError
 from matcouple.settings import get_settings
+from matcouple.surrogate.collate import GraphBatch, collate_graphs
 from matcouple.surrogate.graph import (
     CompactCrystal,
     GraphSpec,
@@ -155,24 +157,25 @@ class SurrogatePredictor:
         return Data(z=g["z"], edge_index=g["edge_index"], edge_vec=g["edge_vec"],
                     num_nodes=len(g["z"]))
 
-    def _member(self, model: Crysformer, blob: dict, batch: Batch,
-                masks: list[list[torch.Tensor]] | None) -> tuple[np.ndarray, np.ndarray]:
+    def _member(self, model: Crysformer, blob: dict, batch: GraphBatch,
+                masks: list[list[torch.Tensor]] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One ensemble member's mean and MC variance on one batch, (n, targets), physical
-        units; ``masks``: the dropout masks of each MC pass (None: dropout off)."""
+        units, left on the device (copying back would wait for the GPU after every job);
+        ``masks``: the dropout masks of each MC pass (None: dropout off)."""
         with torch.inference_mode():
             mean_t, std_t = blob["norm_mean"].to(self.device), blob["norm_std"].to(self.device)
             args = (batch.z, batch.edge_index, batch.edge_vec, batch.batch, batch.num_graphs)
             if masks is None:
                 pred = model(*args) * std_t + mean_t
-                return pred.cpu().numpy(), np.zeros(tuple(pred.shape), dtype=np.float32)
+                return pred, torch.zeros_like(pred)
             samples = []
             for pass_masks in masks:
                 with replaying(pass_masks):
                     samples.append(model(*args))
             stacked = torch.stack(samples) * std_t + mean_t
-            return stacked.mean(0).cpu().numpy(), stacked.var(0, unbiased=False).cpu().numpy()
+            return stacked.mean(0), stacked.var(0, unbiased=False)
 
-    def _masks(self, jobs: list[tuple[Crysformer, dict, Batch]]
+    def _masks(self, jobs: list[tuple[Crysformer, dict, GraphBatch]]
                ) -> Iterator[list[list[torch.Tensor]] | None]:
         """Each job's MC-dropout masks, drawn job by job (lazily: they are big) from one
         generator seeded with ``Settings.surrogate_mc_seed``: the masks the passes drew
@@ -194,7 +197,7 @@ class SurrogatePredictor:
         return s.predict_batch_size_cpu if self.device.type == "cpu" else \
             s.predict_batch_size_gpu
 
-    def member_outputs(self, graphs: list[Data], batch_size: int | None = None
+    def member_outputs(self, graphs: Sequence[Data | dict], batch_size: int | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
         """Each member's mean and MC-dropout variance, each (members, N, targets), physical
         units, before calibration: the parts a sigma is made of, kept apart for studies.
@@ -204,7 +207,7 @@ class SurrogatePredictor:
         share the cores (measured 8x faster per forward on a loaded 2-core machine). MC
         passes replay masks drawn up front (mc_dropout.py), so they run side by side too."""
         batch_size = batch_size or self.default_batch_size
-        batches = [Batch.from_data_list(graphs[i:i + batch_size]).to(self.device)
+        batches = [collate_graphs(graphs[i:i + batch_size]).to(self.device)
                    for i in range(0, len(graphs), batch_size)]
         # one job per (member, batch): balances 3 members over 2 cores
         jobs = [(m, b, batch) for m, b in zip(self.models, self.blobs, strict=True)
@@ -212,14 +215,14 @@ class SurrogatePredictor:
         parallel = min(len(jobs), os.cpu_count() or 1) if self.device.type == "cpu" else 1
         outs = self._run(jobs, parallel)
         per = len(batches)
-        means = [np.concatenate([o[0] for o in outs[k:k + per]]) for k in
-                 range(0, len(outs), per)]
-        variances = [np.concatenate([o[1] for o in outs[k:k + per]]) for k in
-                     range(0, len(outs), per)]
-        return np.stack(means), np.stack(variances)
+        means = torch.stack([torch.cat([o[0] for o in outs[k:k + per]])
+                             for k in range(0, len(outs), per)])
+        variances = torch.stack([torch.cat([o[1] for o in outs[k:k + per]])
+                                 for k in range(0, len(outs), per)])
+        return means.cpu().numpy(), variances.cpu().numpy()
 
-    def _run(self, jobs: list[tuple[Crysformer, dict, Batch]], parallel: int
-             ) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _run(self, jobs: list[tuple[Crysformer, dict, GraphBatch]], parallel: int
+             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Jobs in order, on ``parallel`` threads of one torch thread each; masks are drawn
         in the main thread, a few jobs ahead of the workers."""
         masks = self._masks(jobs)
@@ -239,7 +242,7 @@ class SurrogatePredictor:
         finally:
             torch.set_num_threads(threads)
 
-    def predict_graphs(self, graphs: list[Data], batch_size: int | None = None
+    def predict_graphs(self, graphs: Sequence[Data | dict], batch_size: int | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
         """Mean and calibrated sigma, each (N, targets), in physical units."""
         means, variances = self.member_outputs(graphs, batch_size)
@@ -265,19 +268,18 @@ class SurrogatePredictor:
         todo = [(k, s) for k, s in todo if not isinstance(s, Exception)]
         if workers > 1 and len(todo) > 64:
             with ProcessPoolExecutor(workers) as pool:
+                # a generator: the workers start on the first chunks while this process
+                # is still packing the later ones
                 built = list(pool.map(_compact_graph_or_error,
-                                      [compact_crystal(s) for _, s in todo],
-                                      [self.spec] * len(todo), chunksize=32))
+                                      (compact_crystal(s) for _, s in todo),
+                                      itertools.repeat(self.spec), chunksize=32))
         else:
             built = [_graph_or_error(s, self.spec) for _, s in todo]
         for (k, _), g in zip(todo, built, strict=True):
             if isinstance(g, str):
                 rows[k].error = g
             else:
-                graphs.append(Data(z=torch.from_numpy(g["z"]),
-                                   edge_index=torch.from_numpy(g["edge_index"]),
-                                   edge_vec=torch.from_numpy(g["edge_vec"]),
-                                   num_nodes=len(g["z"])))
+                graphs.append(g)
                 where.append(k)
         if graphs:
             mean, sigma = self.predict_graphs(graphs, batch_size)
