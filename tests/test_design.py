@@ -78,6 +78,17 @@ def test_target_and_structured_form():
         make_request("Fe2O3", 5, op="!=", value=1.0)
 
 
+def test_plan_names_tau_and_a_p_match_gate_only_when_set():
+    from matcouple.coordinate.planner import describe_plan
+
+    base = dict(request=make_request("Fe2O3", 5, value=1.0), run="plan", tau=0.05)
+    plain = " ".join(describe_plan(dr.DesignConfig(**base)))
+    assert "tau 0.050" in plain and "p_match" not in plain
+    gated = dr.DesignConfig(**base, p_match_min=0.5)
+    assert gated.resolved().p_match_min == 0.5
+    assert "p_match >= 0.5" in " ".join(describe_plan(gated))
+
+
 def test_cli_refuses_bad_request_with_examples(cli_env):
     proc = subprocess.run([str(BIN / "matcouple"), "design", "design something great"],
                           env=cli_env, capture_output=True, text=True)

@@ -4,7 +4,8 @@
 2. ``generate_structures`` for the composition, then the validity filters;
 3. ``predict_properties`` with Crysformer and its calibrated sigma, and p_match of the
    match discriminator;
-4. decide per candidate (``decide`` with tau): accept the AI value, or ``run_dft``;
+4. decide per candidate (``decide`` with tau, and a p_match gate if the run sets one):
+   accept the AI value, or ``run_dft``;
 5. file every DFT result into the materials database and the fine-tuning buffer;
 6. iterate until N structures meet the target or the iteration cap is reached.
 
@@ -49,8 +50,9 @@ def describe_plan(config: dr.DesignConfig) -> list[str]:
         f"candidates, {cfg.steps} steps) -> filters -> "
         + (f"pre-relax ({cfg.prerelax}) -> " if cfg.prerelax != "none" else "")
         + "predict_properties "
-        f"(tau {cfg.tau:.3f} {req.target.unit})",
-        f"run_dft ({cfg.engine}/{cfg.preset}) for candidates above tau, at most "
+        f"(tau {cfg.tau:.3f} {req.target.unit}"
+        + (f", p_match >= {cfg.p_match_min:g}" if cfg.p_match_min else "") + ")",
+        f"run_dft ({cfg.engine}/{cfg.preset}) for candidates not accepted, at most "
         f"{cfg.max_dft} calculations",
         f"stop at {req.n} structures meeting the target",
     ]
