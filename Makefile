@@ -38,11 +38,11 @@ demo: install
 	OMP_NUM_THREADS=1 $(BIN)/matcouple demo
 
 test: install
-	$(BIN)/ruff check matcouple tests benchmarks
+	$(BIN)/ruff check matcouple tests benchmarks notebooks
 	$(BIN)/pytest -q tests
 
 lint: install
-	$(BIN)/ruff check matcouple tests benchmarks
+	$(BIN)/ruff check matcouple tests benchmarks notebooks
 
 db-start: install
 	$(BIN)/matcouple db start
