@@ -103,7 +103,9 @@ def check_accepted(db, report: dict, cfg: dr.DesignConfig, n: int, workdir: Path
             result = run_dft(structure, engine, cfg.preset, workdir=workdir / cand["_id"],
                              references=refs)
         except Exception as exc:  # a failed check is reported, not hidden
-            rows.append({"id": cand["_id"], "error": f"{type(exc).__name__}: {exc}"})
+            rows.append({"id": cand["_id"], "error": f"{type(exc).__name__}: {exc}",
+                         "seconds": round(time.monotonic() - start, 1)})
+            save_partial(partial, report["run"], cfg.tau, pool, rows)
             continue
         ai = cand["prediction"]["value"]
         rows.append({"id": cand["_id"], "ai": ai, "sigma": cand["prediction"]["sigma"],
@@ -114,10 +116,15 @@ def check_accepted(db, report: dict, cfg: dr.DesignConfig, n: int, workdir: Path
                      "seconds": round(time.monotonic() - start, 1)})
         print(f"  check {cand['_id']}: AI {ai:.3f}, DFT "
               f"{result.formation_energy_per_atom:.3f} eV/atom", flush=True)
-        if partial is not None:
-            partial.write_text(json.dumps({"run": report["run"], "tau": cfg.tau,
-                                           "check_pool": pool, "checks": rows}, indent=1))
+        save_partial(partial, report["run"], cfg.tau, pool, rows)
     return rows
+
+
+def save_partial(path: Path | None, run: str, tau: float, pool: str, rows: list[dict]) -> None:
+    """The checks so far, failed ones included (rewritten after each check)."""
+    if path is not None:
+        path.write_text(json.dumps({"run": run, "tau": tau, "check_pool": pool,
+                                    "checks": rows}, indent=1))
 
 
 def summarize(report: dict, checks: list[dict], offset: float | None, seconds: float) -> dict:
