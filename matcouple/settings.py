@@ -159,6 +159,14 @@ class Settings:
     # of that size, so as a gate it sent nearly every candidate to DFT whatever its sigma.
     design_error_bound: float = 0.12
     design_confidence: float = 0.90
+    # A generated candidate whose predicted formation energy lies more than this
+    # (eV/atom) below the lowest computed value known for its composition goes to DFT
+    # whatever its sigma: a new ground state is a claim to check, and the one miss among
+    # 15 DFT-checked AI-accepted generated cells was such a claim (a MgGa2 cell predicted
+    # 0.06 below both known polymorphs was 0.17 off). inf turns the rule off
+    # ($MATCOUPLE_DESIGN_BELOW_KNOWN_MARGIN).
+    design_below_known_margin: float = field(default_factory=lambda: float(
+        os.environ.get("MATCOUPLE_DESIGN_BELOW_KNOWN_MARGIN", "0.05")))
     design_p_match_min: float = field(default_factory=lambda: float(
         os.environ.get("MATCOUPLE_DESIGN_P_MATCH_MIN", "0")))
     # Fine-tuning buffer: DFT results waiting to fine-tune the surrogate, one document per

@@ -66,6 +66,25 @@ def test_match_probability_gate(monkeypatch):
         get_settings.cache_clear()
 
 
+def test_a_new_ground_state_claim_goes_to_dft():
+    tau = default_tau()
+    # confident, but 0.07 below the lowest known value (default margin 0.05): DFT
+    d = decide(0.01, tau, value=-0.19, lowest_known=-0.12)
+    assert d.action == DFT and "below the lowest known -0.120" in d.reason
+    # within the margin, above the known value, or nothing known: sigma decides
+    assert decide(0.01, tau, value=-0.16, lowest_known=-0.12).action == ACCEPT
+    assert decide(0.01, tau, value=-0.05, lowest_known=-0.12).action == ACCEPT
+    assert decide(0.01, tau, value=-0.19, lowest_known=None).action == ACCEPT
+    assert decide(0.01, tau, value=-0.19, lowest_known=float("nan")).action == ACCEPT
+    # the margin can be set per call, and inf turns the rule off
+    assert decide(0.01, tau, value=-0.19, lowest_known=-0.12,
+                  below_known_margin=0.1).action == ACCEPT
+    assert decide(0.01, tau, value=-0.19, lowest_known=-0.12,
+                  below_known_margin=math.inf).action == ACCEPT
+    # low confidence with the claim: DFT either way
+    assert decide(0.5, tau, value=-0.19, lowest_known=-0.12).action == DFT
+
+
 def test_accepted_accuracy_by_hand():
     from matcouple.coordinate.policy import accepted_accuracy
 

@@ -172,6 +172,24 @@ def test_policy_branches_with_real_predictions(launchpad_config, cli_env, rocksa
                                       p_match_min=min(1.0, p_match + 1e-6))
         (cand,) = dr.iteration_candidates(db, "p-match", 1)
         assert cand["status"] == "dft_queued" and "p_match" in cand["decision"]["reason"]
+    # A confident prediction well below every computed value of the composition is a
+    # new-ground-state claim: DFT whatever sigma. (Known value 0.2 above the prediction,
+    # stored for another MgO cell.)
+    from matcouple.coordinate.planner import lowest_known_value
+    from matcouple.store.materials import Label, MaterialsStore, material_document
+
+    known = rocksalt.copy()
+    known.scale_lattice(rocksalt.volume * 1.3)
+    fe = Label(pred.value + 0.2, "eV/atom", "test-dft", "test/PBE")
+    MaterialsStore(db).upsert_many([material_document(
+        known, source="test-dft", material_id="mgo-known", fidelity="test/PBE",
+        labels={"formation_energy_per_atom": fe})])
+    assert lowest_known_value(db, "MgO", "formation_energy_per_atom") == \
+        pytest.approx(pred.value + 0.2)
+    db, action = _decide_with_tau(launchpad_config, rocksalt, pred.sigma * 2, "ground-claim")
+    (cand,) = dr.iteration_candidates(db, "ground-claim", 1)
+    assert cand["status"] == "dft_queued"
+    assert "below the lowest known" in cand["decision"]["reason"]
 
 
 # ---------------------------------------------------------------- runs through rlaunch

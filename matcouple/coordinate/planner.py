@@ -17,6 +17,7 @@ step is a Firework on the LaunchPad. An LLM may choose the tools instead
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +100,21 @@ def p_match_of(structures: list[Structure]) -> tuple[list[float], float]:
     return (disc.p_match(structures) if structures else []), disc.threshold
 
 
+def lowest_known_value(db: Database, formula: str, label: str) -> float | None:
+    """The lowest computed ``label`` stored for the composition (any source and fidelity
+    that is a calculation), or None when none is known."""
+    from matcouple.coordinate.tools import NOT_COMPUTED_SOURCES
+    from matcouple.store.materials import MaterialsStore, normalise_formula
+
+    docs = MaterialsStore(db).collection.find(
+        {"reduced_formula": normalise_formula(formula),
+         "source": {"$nin": list(NOT_COMPUTED_SOURCES)},
+         f"labels.{label}.value": {"$exists": True}}, {f"labels.{label}.value": 1})
+    values = [float(d["labels"][label]["value"]) for d in docs]
+    values = [v for v in values if math.isfinite(v)]
+    return min(values) if values else None
+
+
 @dataclass
 class DecideOutcome:
     """What one predict/decide step did, and what the workflow must add after it."""
@@ -146,11 +162,14 @@ def decide_step(db: Database, run: str, iteration: int, owner: str) -> DecideOut
     preds = predict_properties([(c["_id"], s) for c, s in zip(mine, structures, strict=True)],
                                target.label, model_dir=current_model_dir(db))
     p_matches, _ = p_match_of(structures)
+    lowest = lowest_known_value(db, cfg.request.formula, target.label) \
+        if target.label == "formation_energy_per_atom" else None
     for cand, structure, pred, p_match in zip(mine, structures, preds, p_matches,
                                               strict=True):
         cid = cand["_id"]
         out.model_version = pred.model_version
-        decision = decide(pred.sigma, cfg.tau, p_match=p_match, p_match_min=cfg.p_match_min)
+        decision = decide(pred.sigma, cfg.tau, p_match=p_match, p_match_min=cfg.p_match_min,
+                          value=pred.value, lowest_known=lowest)
         record = {"prediction": {"value": pred.value, "sigma": pred.sigma,
                                  "model_version": pred.model_version, "error": pred.error},
                   "decision": {"action": decision.action, "reason": decision.reason,

@@ -59,10 +59,16 @@ def _usable(value: float | None) -> bool:
 
 
 def decide(sigma: float | None, tau: float, p_match: float | None = None,
-           p_match_min: float | None = None) -> Decision:
+           p_match_min: float | None = None, *, value: float | None = None,
+           lowest_known: float | None = None,
+           below_known_margin: float | None = None) -> Decision:
     """Accept when sigma <= tau; otherwise DFT. With a p_match gate (``p_match_min`` > 0,
     default ``Settings.design_p_match_min``, 0 = no gate) a generated structure also needs
     p_match >= p_match_min; p_match is kept on the decision either way.
+
+    A predicted formation energy ``value`` more than ``below_known_margin`` (default
+    ``Settings.design_below_known_margin``) below ``lowest_known``, the lowest computed
+    value of the composition, is a new-ground-state claim: DFT whatever sigma.
 
     A missing or NaN sigma, or a NaN p_match under a gate, means the model cannot vouch
     for the prediction, so the answer is DFT with a reason that says so.
@@ -84,6 +90,12 @@ def decide(sigma: float | None, tau: float, p_match: float | None = None,
         if p_match < threshold:
             return Decision(DFT, f"p_match {p_match:.3f} < {threshold:.3f}: structure not "
                             "trusted", sigma, tau, p_match)
+    margin = get_settings().design_below_known_margin if below_known_margin is None \
+        else float(below_known_margin)
+    if _usable(value) and _usable(lowest_known) and value < lowest_known - margin:
+        return Decision(DFT, f"predicted {value:.3f}, more than {margin:.3f} below the lowest "
+                        f"known {lowest_known:.3f}: a new ground state is checked with DFT",
+                        sigma, tau, p_match)
     if sigma <= tau:
         return Decision(ACCEPT, f"sigma {sigma:.3f} <= tau {tau:.3f}", sigma, tau, p_match)
     return Decision(DFT, f"sigma {sigma:.3f} > tau {tau:.3f}", sigma, tau, p_match)
