@@ -94,10 +94,9 @@ def _discriminator():
     return MatchDiscriminator.default()
 
 
-def p_match_of(structures: list[Structure]) -> tuple[list[float], float]:
-    """p_match of each generated structure (the shipped match discriminator), its threshold."""
-    disc = _discriminator()
-    return (disc.p_match(structures) if structures else []), disc.threshold
+def p_match_of(structures: list[Structure]) -> list[float]:
+    """p_match of each generated structure (the shipped match discriminator)."""
+    return _discriminator().p_match(structures) if structures else []
 
 
 def lowest_known_value(db: Database, formula: str, label: str) -> float | None:
@@ -161,7 +160,7 @@ def decide_step(db: Database, run: str, iteration: int, owner: str) -> DecideOut
     structures = [Structure.from_dict(c["structure"]) for c in mine]
     preds = predict_properties([(c["_id"], s) for c, s in zip(mine, structures, strict=True)],
                                target.label, model_dir=current_model_dir(db))
-    p_matches, _ = p_match_of(structures)
+    p_matches = p_match_of(structures)
     lowest = lowest_known_value(db, cfg.request.formula, target.label) \
         if target.label == "formation_energy_per_atom" else None
     for cand, structure, pred, p_match in zip(mine, structures, preds, p_matches,
