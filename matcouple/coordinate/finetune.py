@@ -287,6 +287,8 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     eval_graphs = val + held
     lap("graphs")
     truth = torch.cat([g.y for g in eval_graphs]).numpy()
+    if config.mc_samples and not all(m.cfg.dropout > 0 for m in models):
+        config = replace(config, mc_samples=0)  # no dropout, no MC spread: the ensemble's
     current_metrics = score(member_outputs(models, blobs, eval_graphs, device,
                                            config.mc_samples)[0], truth, len(val), targets)
     lap("evaluate_current")

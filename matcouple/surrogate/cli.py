@@ -36,17 +36,26 @@ def train_surrogate(
                                         "written as <out>-s<seed>.pt."),
     parallel_members: bool = typer.Option(False, help="One process per member, member k "
                                                       "on GPU k % gpus."),
+    model: list[str] = typer.Option([], "--model", help="Model hyper-parameter NAME=VALUE "
+                                    "(repeat), e.g. --model dropout=0 --model scalars=144; "
+                                    "a resumed checkpoint keeps its own."),
 ) -> None:
     """Train Crysformer on a labelled table (resumable; checkpoint after every epoch)."""
     from matcouple.settings import get_settings
+    from matcouple.surrogate.model import parse_model_overrides
     from matcouple.surrogate.parallel import train_members, train_on_gpus
     from matcouple.surrogate.train import TrainConfig, export_model, train
 
     settings = get_settings()
+    try:
+        overrides = parse_model_overrides(model)
+    except MatcoupleError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
     cfg = TrainConfig(
         data=str(data or settings.data_dir / settings.datasets["mp2018"]),
         targets=tuple(targets.split(",")), split_column=split_column, epochs=epochs,
-        batch_size=batch_size, lr=lr, seed=seed, limit_train=limit_train)
+        batch_size=batch_size, lr=lr, seed=seed, limit_train=limit_train, model=overrides)
     kwargs = {"minutes": minutes, "init_from": init_from, "cache_dir": settings.graph_cache_dir}
     try:
         if members > 1 or parallel_members:

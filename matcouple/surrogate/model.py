@@ -15,7 +15,7 @@ attention weights and the scalar channels so MC-dropout gives an uncertainty.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from e3nn import o3
@@ -23,6 +23,7 @@ from e3nn.nn import Gate
 from torch import nn
 from torch_geometric.utils import scatter, softmax
 
+from matcouple.errors import MatcoupleError
 from matcouple.surrogate.fused import FusedTPLinear
 from matcouple.surrogate.mc_dropout import MaskedDropout, replay_active
 
@@ -49,6 +50,42 @@ class CrysformerConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+# Fields a user may set when training; targets come from the data, atom_features from
+# the embedding table.
+TUNABLE_FIELDS = ("scalars", "vectors", "tensors", "layers", "heads", "rbf", "rbf_cutoff",
+                  "lmax", "dropout", "zero_floor")
+
+
+def parse_model_overrides(items: list[str]) -> dict:
+    """``["dropout=0", "scalars=144"]`` → ``{"dropout": 0.0, "scalars": 144}``, typed like
+    :class:`CrysformerConfig`'s defaults; a clear error for an unknown name, a value of the
+    wrong type or range, or channel counts the attention heads cannot split."""
+    defaults = CrysformerConfig()
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in TUNABLE_FIELDS:
+            raise MatcoupleError(f"model option {item!r}: expected NAME=VALUE with NAME one "
+                                 f"of {', '.join(TUNABLE_FIELDS)}")
+        kind = type(getattr(defaults, key))
+        try:
+            value = kind(raw) if kind is float else int(raw)
+        except ValueError:
+            raise MatcoupleError(f"model option {key}: {raw!r} is not a {kind.__name__}") \
+                from None
+        if (key == "dropout" and not 0 <= value < 1) or (key != "dropout" and value < 0) \
+                or (key in ("scalars", "layers", "heads", "rbf", "rbf_cutoff") and value <= 0):
+            raise MatcoupleError(f"model option {key}={raw} is out of range")
+        out[key] = value
+    cfg = replace(defaults, **out)
+    for name in ("scalars", "vectors", "tensors"):
+        if getattr(cfg, name) % cfg.heads:
+            raise MatcoupleError(f"model option {name}={getattr(cfg, name)} must be divisible "
+                                 f"by heads={cfg.heads}")
+    return out
 
 
 def node_irreps(cfg: CrysformerConfig) -> o3.Irreps:

@@ -115,8 +115,10 @@ class SurrogatePredictor:
                 raise MatcoupleError("ensemble members disagree on targets or graph settings")
         self.card = card or {}
         self.version = self.card.get("version", "uncalibrated")
-        self.mc_samples = get_settings().surrogate_mc_samples if mc_samples is None \
-            else mc_samples
+        # Members trained without dropout have no MC spread: their default is the ensemble.
+        self.has_dropout = all(m.cfg.dropout > 0 for m in models)
+        default = get_settings().surrogate_mc_samples if self.has_dropout else 0
+        self.mc_samples = default if mc_samples is None else mc_samples
 
     @property
     def mc_samples(self) -> int:
@@ -127,6 +129,9 @@ class SurrogatePredictor:
         """Switching the mode switches to that mode's calibration scales."""
         if value < 0 or value == 1:
             raise MatcoupleError(f"mc_samples must be 0 (dropout off) or >= 2, got {value}")
+        if value and not self.has_dropout:
+            raise MatcoupleError("MC dropout needs members trained with dropout > 0; these "
+                                 "have none: use --mc-samples 0 (the ensemble's spread)")
         if len(self.models) < 2 and value < 2:
             raise MatcoupleError("an uncertainty needs >= 2 ensemble members or "
                                  "--mc-samples >= 2")

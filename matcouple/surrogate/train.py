@@ -27,7 +27,7 @@ from matcouple.surrogate.atom_features import atom_feature_table
 from matcouple.surrogate.batching import GlobalBatchSampler
 from matcouple.surrogate.data import load_graphs, table_hash
 from matcouple.surrogate.graph import GraphSpec
-from matcouple.surrogate.model import Crysformer, CrysformerConfig
+from matcouple.surrogate.model import Crysformer, CrysformerConfig, parse_model_overrides
 
 CHECKPOINT_FORMAT = "crysformer-train-v1"
 MODEL_FORMAT = "crysformer-model-v1"
@@ -355,10 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--export", type=Path, default=None, help="also write the model file")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    model = {}
-    for item in filter(None, a.model.split(",")):
-        key, value = item.split("=")
-        model[key] = float(value) if key in ("dropout", "rbf_cutoff") else int(value)
+    model = parse_model_overrides([i for i in a.model.split(",") if i])
     cfg = TrainConfig(data=a.data, targets=tuple(a.targets.split(",")),
                       split_column=a.split_column, train_split=a.train_split,
                       val_split=a.val_split, epochs=a.epochs, batch_size=a.batch_size,
