@@ -18,8 +18,13 @@ from pathlib import Path
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from matcouple.dft.calculation import run_dft
-from matcouple.dft.errors import SCFNotConvergedError, UnsupportedElementError, WalltimeError
+from matcouple.dft.calculation import run_dft, run_dft_with_retries
+from matcouple.dft.errors import (
+    DFTCalculationError,
+    SCFNotConvergedError,
+    UnsupportedElementError,
+    WalltimeError,
+)
 from matcouple.dft.gpaw_engine import GpawEngine
 from matcouple.dft.presets import gpaw_preset
 from matcouple.dft.retries import escalate
@@ -138,6 +143,20 @@ def test_failed_relaxation_is_recorded_and_retried(dft_launchpad, tmp_path):
     # The retry started where the first attempt stopped, not from the input.
     assert Structure.from_dict(retry_task["structure"]).volume != pytest.approx(
         si_primitive(5.25).volume)
+
+
+def test_plain_retries_continue_like_the_workflow(tmp_path):
+    """run_dft_with_retries: what the detour Fireworks do, for callers without a LaunchPad."""
+    engine = GpawEngine()
+    result, failures = run_dft_with_retries(si_primitive(5.25), engine, "fast",
+                                            workdir=tmp_path, retry={"max_steps": 1})
+    assert failures[0]["kind"] == "relax_not_converged" and failures[0]["attempt"] == 1
+    assert failures[0]["retry"] == {"max_steps": 1}
+    assert conventional_a(result.structure) == pytest.approx(PBE_SI_A, rel=0.01)
+    with pytest.raises(DFTCalculationError, match="gave up after 1 attempt") as info:
+        run_dft_with_retries(si_primitive(5.25), engine, "fast", workdir=tmp_path / "once",
+                             retry={"max_steps": 1}, max_attempts=1)
+    assert info.value.structure is not None  # the last geometry, to continue by hand
 
 
 def test_scf_failure_names_itself(tmp_path):

@@ -16,6 +16,7 @@ from pymatgen.core import Structure
 from pymongo.database import Database
 
 from matcouple.dft.engine import DFTEngine, DFTResult, formation_energy_per_atom
+from matcouple.dft.errors import DFTCalculationError
 from matcouple.dft.references import ReferenceEnergies
 from matcouple.store.materials import Label, MaterialsStore, material_document
 
@@ -38,6 +39,46 @@ def run_dft(structure: Structure, engine: DFTEngine, preset: str, *, workdir: Pa
         result.details["reference_energies_per_atom"] = mu
         result.details["references_computed_here"] = list(references.computed)
     return result
+
+
+def run_dft_with_retries(structure: Structure, engine: DFTEngine, preset: str, *,
+                         workdir: Path, references: ReferenceEnergies | None = None,
+                         retry: Mapping[str, Any] | None = None,
+                         max_attempts: int | None = None,
+                         ) -> tuple[DFTResult, list[dict[str, Any]]]:
+    """:func:`run_dft` with the retries a DFT Firework gets from its detours, in one call.
+
+    A named failure (SCF or relaxation not converged, walltime) continues from the last
+    geometry with :func:`matcouple.dft.retries.escalate`'s settings, up to
+    ``Settings.dft_max_attempts`` attempts (GPAW; other engines have custodian and fail
+    at once), so a plain caller (the design benchmark's checks) gets the value a design
+    workflow would file. Returns the result and the failures on the way; after the last
+    attempt raises :class:`DFTCalculationError` with the whole history."""
+    from matcouple.dft.presets import gpaw_preset
+    from matcouple.dft.retries import escalate
+    from matcouple.settings import get_settings
+
+    attempts = max_attempts or get_settings().dft_max_attempts
+    failures: list[dict[str, Any]] = []
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            result = run_dft(structure, engine, preset, workdir=workdir,
+                             references=references, retry=retry)
+            return result, failures
+        except DFTCalculationError as exc:
+            failures.append({"attempt": attempt, "kind": exc.kind, "message": str(exc),
+                             "steps_done": exc.steps_done, "retry": dict(retry or {})})
+            if attempt >= attempts or engine.name != "gpaw":
+                history = "; ".join(f"#{f['attempt']} {f['kind']}: {f['message']}"
+                                    for f in failures)
+                raise DFTCalculationError(f"gave up after {attempt} attempt(s): {history}",
+                                          structure=exc.structure,
+                                          steps_done=exc.steps_done) from exc
+            if exc.structure:
+                structure = Structure.from_dict(exc.structure)
+            retry = escalate(exc.kind, gpaw_preset(preset), retry)
 
 
 def dft_document(result: DFTResult, *, material_id: str, engine: DFTEngine,
