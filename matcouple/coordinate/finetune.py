@@ -53,6 +53,7 @@ from matcouple.settings import get_settings
 from matcouple.store.registry import REFUSED, ModelRegistry
 from matcouple.surrogate.data import load_graphs
 from matcouple.surrogate.graph import GraphSpec, structure_to_graph
+from matcouple.surrogate.model import have_dropout
 from matcouple.surrogate.predict import NON_NEGATIVE, SurrogatePredictor, load_model
 from matcouple.surrogate.train import _atomic_save, _lr_factor, train_epoch
 from matcouple.surrogate.uncertainty import combine, cross_fitted_calibration
@@ -287,8 +288,8 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     eval_graphs = val + held
     lap("graphs")
     truth = torch.cat([g.y for g in eval_graphs]).numpy()
-    if config.mc_samples and not all(m.cfg.dropout > 0 for m in models):
-        config = replace(config, mc_samples=0)  # no dropout, no MC spread: the ensemble's
+    if config.mc_samples and not have_dropout(models):  # no MC spread: score the ensemble
+        config = replace(config, mc_samples=0)
     current_metrics = score(member_outputs(models, blobs, eval_graphs, device,
                                            config.mc_samples)[0], truth, len(val), targets)
     lap("evaluate_current")

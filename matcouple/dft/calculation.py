@@ -55,10 +55,8 @@ def run_dft_with_retries(structure: Structure, engine: DFTEngine, preset: str, *
     workflow would file. Returns the result and the failures on the way; after the last
     attempt raises :class:`DFTCalculationError` with the whole history."""
     from matcouple.dft.presets import gpaw_preset
-    from matcouple.dft.retries import escalate
-    from matcouple.settings import get_settings
+    from matcouple.dft.retries import escalate, failure_record, gave_up_message, may_retry
 
-    attempts = max_attempts or get_settings().dft_max_attempts
     failures: list[dict[str, Any]] = []
     attempt = 0
     while True:
@@ -68,13 +66,9 @@ def run_dft_with_retries(structure: Structure, engine: DFTEngine, preset: str, *
                              references=references, retry=retry)
             return result, failures
         except DFTCalculationError as exc:
-            failures.append({"attempt": attempt, "kind": exc.kind, "message": str(exc),
-                             "steps_done": exc.steps_done, "retry": dict(retry or {})})
-            if attempt >= attempts or engine.name != "gpaw":
-                history = "; ".join(f"#{f['attempt']} {f['kind']}: {f['message']}"
-                                    for f in failures)
-                raise DFTCalculationError(f"gave up after {attempt} attempt(s): {history}",
-                                          structure=exc.structure,
+            failures.append(failure_record(exc, attempt, retry))
+            if not may_retry(engine.name, attempt, max_attempts):
+                raise DFTCalculationError(gave_up_message(failures), structure=exc.structure,
                                           steps_done=exc.steps_done) from exc
             if exc.structure:
                 structure = Structure.from_dict(exc.structure)

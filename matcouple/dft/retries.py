@@ -36,3 +36,23 @@ def escalate(kind: str, preset: GpawPreset, retry: Mapping[str, Any] | None) -> 
     elif kind != "walltime":
         raise ValueError(f"no retry rule for a failure of kind {kind!r}")
     return changes
+
+
+def failure_record(exc: Any, attempt: int, retry: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What one failed attempt leaves in the history (a :class:`DFTCalculationError`)."""
+    return {"attempt": attempt, "kind": exc.kind, "message": str(exc),
+            "steps_done": exc.steps_done, "retry": dict(retry or {})}
+
+
+def may_retry(engine: str, attempt: int, max_attempts: int | None = None) -> bool:
+    """Whether attempt ``attempt`` may be followed by another: GPAW only (VASP has
+    custodian inside the job), up to ``Settings.dft_max_attempts``."""
+    from matcouple.settings import get_settings
+
+    return engine == "gpaw" and attempt < (max_attempts or get_settings().dft_max_attempts)
+
+
+def gave_up_message(failures: list[dict[str, Any]]) -> str:
+    """The error of the last attempt, with the whole history."""
+    history = "; ".join(f"#{f['attempt']} {f['kind']}: {f['message']}" for f in failures)
+    return f"gave up after {failures[-1]['attempt']} attempt(s): {history}"

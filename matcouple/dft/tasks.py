@@ -16,7 +16,7 @@ from matcouple.dft.calculation import run_dft, store_dft_result
 from matcouple.dft.engine import get_engine
 from matcouple.dft.errors import DFTCalculationError
 from matcouple.dft.references import ReferenceEnergies
-from matcouple.dft.retries import escalate
+from matcouple.dft.retries import escalate, failure_record, gave_up_message, may_retry
 from matcouple.settings import get_settings
 from matcouple.store.connection import LaunchpadConfig, open_database
 from matcouple.tasks import as_structure
@@ -65,14 +65,10 @@ class DFTRelaxStaticTask(FiretaskBase):
         from matcouple.dft.presets import gpaw_preset
 
         attempt = int(self.get("attempt", 1))
-        failure = {"attempt": attempt, "kind": exc.kind, "message": str(exc),
-                   "steps_done": exc.steps_done, "retry": dict(self.get("retry") or {})}
+        failure = failure_record(exc, attempt, self.get("retry"))
         failures = [*self.get("failures", []), failure]
-        if attempt >= get_settings().dft_max_attempts or self["engine"] != "gpaw":
-            history = "; ".join(f"#{f['attempt']} {f['kind']}: {f['message']}"
-                                for f in failures)
-            raise DFTCalculationError(
-                f"{self['material_id']}: gave up after {attempt} attempt(s): {history}")
+        if not may_retry(self["engine"], attempt):
+            raise DFTCalculationError(f"{self['material_id']}: {gave_up_message(failures)}")
         params = {k: v for k, v in self.items() if not k.startswith("_")}
         params.update(
             structure=exc.structure or params["structure"],

@@ -88,6 +88,11 @@ def parse_model_overrides(items: list[str]) -> dict:
     return out
 
 
+def have_dropout(models) -> bool:
+    """Whether every member was trained with dropout, i.e. MC-dropout passes give a spread."""
+    return all(m.cfg.dropout > 0 for m in models)
+
+
 def node_irreps(cfg: CrysformerConfig) -> o3.Irreps:
     parts = [(cfg.scalars, (0, 1)), (cfg.vectors, (1, -1))]
     if cfg.lmax >= 2 and cfg.tensors:

@@ -32,7 +32,7 @@ from matcouple.surrogate.graph import (
     structure_to_graph,
 )
 from matcouple.surrogate.mc_dropout import draw_masks, replaying
-from matcouple.surrogate.model import Crysformer, CrysformerConfig
+from matcouple.surrogate.model import Crysformer, CrysformerConfig, have_dropout
 from matcouple.surrogate.train import MODEL_FORMAT
 from matcouple.surrogate.uncertainty import combine
 
@@ -116,7 +116,7 @@ class SurrogatePredictor:
         self.card = card or {}
         self.version = self.card.get("version", "uncalibrated")
         # Members trained without dropout have no MC spread: their default is the ensemble.
-        self.has_dropout = all(m.cfg.dropout > 0 for m in models)
+        self.has_dropout = have_dropout(models)
         default = get_settings().surrogate_mc_samples if self.has_dropout else 0
         self.mc_samples = default if mc_samples is None else mc_samples
 
