@@ -27,8 +27,8 @@ def base_parser(doc: str, default_data: str, out_name: str) -> argparse.Argument
     p.add_argument("--out", type=Path, default=RESULTS / out_name,
                    help="folder for the JSON, the plot and the trained models")
     p.add_argument("--model", default="", help="model overrides, e.g. scalars=16,layers=1")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--batch-size", type=int, default=settings.surrogate_train_batch_size)
+    p.add_argument("--lr", type=float, default=settings.surrogate_train_lr)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--workers", type=int, default=None, help="graph-building processes")

@@ -60,6 +60,13 @@ class Settings:
     symprec: float = 0.1
     # Shipped Crysformer ensemble + model card (calibration scales per mode).
     surrogate_model_dir: Path = Path(__file__).resolve().parent / "surrogate" / "models"
+    # Defaults of `matcouple train surrogate`. Peak learning rate: on one H200 (2026-12-02,
+    # wide dropout-free model, four recipes side by side for the same ~6 min) batch 256 at
+    # lr 5e-4 reached E_f val MAE 0.148, at 2e-3 0.109, batch 64 at lr 1e-3 0.108; 2e-3 at
+    # batch 256 then took a model from 0.090 to 0.051 in 26 epochs (README, Surrogate).
+    surrogate_train_epochs: int = 60
+    surrogate_train_batch_size: int = 64
+    surrogate_train_lr: float = 1e-3
     # Structures per forward pass at prediction. On a CPU small batches keep the per-edge
     # tensors in cache (2-core EPYC: batch 16 is 2x faster per structure than 256).
     predict_batch_size_cpu: int = 16

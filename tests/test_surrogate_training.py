@@ -105,3 +105,25 @@ def test_graph_cache_round_trip_is_exact(tmp_path, monkeypatch):
         for key in ("z", "edge_index", "edge_vec", "y"):
             assert torch.equal(a[key], b[key]), key
     assert load_graphs(CI, targets, cache_dir=tmp_path, **kw) is cached  # in-process memo
+
+
+def test_step_timing_sizes_a_schedule_that_fits_the_budget(tmp_path):
+    from matcouple.surrogate.experiments import epochs_within, seconds_per_step
+
+    step_s, n_train = seconds_per_step(_cfg(), device="cpu", cache_dir=tmp_path, steps=4,
+                                       skip=1)
+    assert n_train == 24 and 0 < step_s < 30
+    epochs = epochs_within(60 * step_s, n_train, 8, step_s)  # 3 steps per epoch
+    assert epochs == int(60 / (3 * 1.15))
+    assert epochs_within(0.0, n_train, 8, step_s) == 1  # always at least one
+
+
+def test_training_defaults_come_from_settings(monkeypatch):
+    from dataclasses import replace
+
+    import matcouple.surrogate.train as train_module
+
+    custom = replace(get_settings(), surrogate_train_lr=1.25e-3, surrogate_train_batch_size=48)
+    monkeypatch.setattr(train_module, "get_settings", lambda: custom)
+    cfg = TrainConfig(data=str(CI))
+    assert (cfg.lr, cfg.batch_size) == (1.25e-3, 48)

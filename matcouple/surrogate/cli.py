@@ -20,10 +20,12 @@ def train_surrogate(
     data: Path | None = typer.Option(None, help="Labelled CSV (default: MP 2018.6.1)."),
     targets: str = typer.Option("formation_energy_per_atom,band_gap"),
     split_column: str = typer.Option("megnet_split"),
-    epochs: int = typer.Option(60),
+    epochs: int | None = typer.Option(None, help="Default: Settings.surrogate_train_epochs."),
     minutes: float | None = typer.Option(None, help="Stop this chunk after N minutes."),
-    batch_size: int = typer.Option(64),
-    lr: float = typer.Option(6e-4),
+    batch_size: int | None = typer.Option(None, help="Default: Settings."
+                                          "surrogate_train_batch_size."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (default: Settings."
+                                    "surrogate_train_lr)."),
     seed: int = typer.Option(0),
     limit_train: int | None = typer.Option(None, help="Use the first N training rows."),
     init_from: Path | None = typer.Option(None, help="Fine-tune from this checkpoint."),
@@ -54,8 +56,11 @@ def train_surrogate(
         raise typer.Exit(2) from None
     cfg = TrainConfig(
         data=str(data or settings.data_dir / settings.datasets["mp2018"]),
-        targets=tuple(targets.split(",")), split_column=split_column, epochs=epochs,
-        batch_size=batch_size, lr=lr, seed=seed, limit_train=limit_train, model=overrides)
+        targets=tuple(targets.split(",")), split_column=split_column,
+        epochs=epochs or settings.surrogate_train_epochs,
+        batch_size=batch_size or settings.surrogate_train_batch_size,
+        lr=lr or settings.surrogate_train_lr, seed=seed, limit_train=limit_train,
+        model=overrides)
     kwargs = {"minutes": minutes, "init_from": init_from, "cache_dir": settings.graph_cache_dir}
     try:
         if members > 1 or parallel_members:

@@ -101,3 +101,48 @@ def score_model(model_path: Path, cfg: TrainConfig, *, split: str, device: str |
 
 def with_targets(cfg: TrainConfig, targets: tuple[str, ...]) -> TrainConfig:
     return replace(cfg, targets=tuple(targets))
+
+
+def seconds_per_step(cfg: TrainConfig, *, device: str | None, cache_dir: Path | None = None,
+                     steps: int = 30, skip: int = 10) -> tuple[float, int]:
+    """(Median wall time of one training step (forward, backward, AdamW) of ``cfg``'s model
+    at ``cfg.batch_size`` on ``device``, on the real training graphs; the first ``skip``
+    steps (allocator and kernel warm-up) are not counted; and the number of training
+    graphs. Runs side by side with other
+    studies measure the shared speed they will train at."""
+    from matcouple.surrogate.atom_features import atom_feature_table
+    from matcouple.surrogate.model import Crysformer, CrysformerConfig
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    graphs = load_graphs(Path(cfg.data), cfg.targets, split_column=cfg.split_column,
+                         split=cfg.train_split, spec=GraphSpec(**cfg.graph),
+                         limit=cfg.limit_train, cache_dir=cache_dir, progress=False).graphs
+    model = Crysformer(CrysformerConfig(**{**cfg.model, "targets": tuple(cfg.targets)}),
+                       torch.from_numpy(atom_feature_table())).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    times: list[float] = []
+    for i, batch in enumerate(DataLoader(graphs, batch_size=cfg.batch_size, shuffle=True,
+                                         generator=gen)):
+        if i == steps:
+            break
+        start = time.monotonic()
+        batch = batch.to(dev)
+        pred = model(batch.z, batch.edge_index, batch.edge_vec, batch.batch, batch.num_graphs)
+        loss = (pred - torch.nan_to_num(batch.y)).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(time.monotonic() - start)
+    kept = sorted(times[skip:] or times)
+    return kept[len(kept) // 2], len(graphs)
+
+
+def epochs_within(budget_s: float, n_train: int, batch_size: int, step_s: float,
+                  overhead: float = 1.15) -> int:
+    """Whole epochs whose steps fit in ``budget_s`` (``overhead``: data loading and the
+    validation pass after each epoch), at least one."""
+    steps = -(-n_train // batch_size)
+    return max(1, int(budget_s / (steps * step_s * overhead)))

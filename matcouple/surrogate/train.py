@@ -42,9 +42,9 @@ class TrainConfig:
     split_column: str = "megnet_split"
     train_split: str = "train"
     val_split: str = "val"
-    epochs: int = 60
-    batch_size: int = 64
-    lr: float = 6e-4
+    epochs: int = field(default_factory=lambda: get_settings().surrogate_train_epochs)
+    batch_size: int = field(default_factory=lambda: get_settings().surrogate_train_batch_size)
+    lr: float = field(default_factory=lambda: get_settings().surrogate_train_lr)
     weight_decay: float = 1e-5
     warmup_epochs: float = 1.0
     seed: int = 0
@@ -340,10 +340,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="val")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--epochs", type=int, default=get_settings().surrogate_train_epochs)
     p.add_argument("--minutes", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--batch-size", type=int,
+                   default=get_settings().surrogate_train_batch_size)
+    p.add_argument("--lr", type=float, default=get_settings().surrogate_train_lr)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--amp", action="store_true")
