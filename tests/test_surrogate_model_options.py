@@ -67,3 +67,24 @@ def test_train_cli_refuses_a_bad_model_option_before_reading_data(tmp_path):
     assert result.exit_code == 2
     assert "tensors=18 must be divisible by heads=4" in result.output
     assert not (tmp_path / "c.pt").exists()
+
+
+@pytest.mark.parametrize("bad", [{"lr": 0.0}, {"lr": float("nan")}, {"lr": -1e-3},
+                                 {"epochs": 0}, {"batch_size": 0}, {"weight_decay": -1.0}])
+def test_training_settings_out_of_range_are_refused(bad):
+    from matcouple.surrogate.train import TrainConfig
+
+    with pytest.raises(MatcoupleError, match="learning rate|at least 1|negative"):
+        TrainConfig(data="x.csv", **bad)
+
+
+def test_train_cli_refuses_a_zero_learning_rate_before_reading_data(tmp_path):
+    from typer.testing import CliRunner
+
+    from matcouple.cli import app
+
+    result = CliRunner().invoke(app, ["train", "surrogate", "--out", str(tmp_path / "c.pt"),
+                                      "--data", str(tmp_path / "missing.csv"), "--lr", "0"])
+    assert result.exit_code == 2
+    assert "learning rate must be a positive number" in result.output
+    assert not (tmp_path / "c.pt").exists()

@@ -50,17 +50,16 @@ def train_surrogate(
 
     settings = get_settings()
     try:
-        overrides = parse_model_overrides(model)
+        cfg = TrainConfig(
+            data=str(data or settings.data_dir / settings.datasets["mp2018"]),
+            targets=tuple(targets.split(",")), split_column=split_column,
+            epochs=settings.surrogate_train_epochs if epochs is None else epochs,
+            batch_size=settings.surrogate_train_batch_size if batch_size is None else
+            batch_size, lr=settings.surrogate_train_lr if lr is None else lr, seed=seed,
+            limit_train=limit_train, model=parse_model_overrides(model))
     except MatcoupleError as exc:
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None
-    cfg = TrainConfig(
-        data=str(data or settings.data_dir / settings.datasets["mp2018"]),
-        targets=tuple(targets.split(",")), split_column=split_column,
-        epochs=epochs or settings.surrogate_train_epochs,
-        batch_size=batch_size or settings.surrogate_train_batch_size,
-        lr=lr or settings.surrogate_train_lr, seed=seed, limit_train=limit_train,
-        model=overrides)
     kwargs = {"minutes": minutes, "init_from": init_from, "cache_dir": settings.graph_cache_dir}
     try:
         if members > 1 or parallel_members:

@@ -55,6 +55,16 @@ class TrainConfig:
     # Data-parallel: batch_size is per GPU; lr is scaled for the global batch by this rule.
     lr_scaling: str = field(default_factory=lambda: get_settings().ddp_lr_scaling)
 
+    def __post_init__(self) -> None:
+        """Refuse settings that would train nothing or diverge silently, naming the field."""
+        if self.epochs < 1 or self.batch_size < 1:
+            raise MatcoupleError(f"epochs ({self.epochs}) and batch size ({self.batch_size}) "
+                                 "must be at least 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise MatcoupleError(f"learning rate must be a positive number, got {self.lr}")
+        if self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise MatcoupleError("weight decay and warm-up epochs must not be negative")
+
 
 def _device(name: str | None) -> torch.device:
     if name:
