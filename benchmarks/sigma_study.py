@@ -3,7 +3,10 @@ can be made, on the parts ``benchmarks/uncertainty_parts.py`` saved for a labell
 
   * ``ensemble``: mean and spread of the members with dropout off (fast);
   * ``mc``: mean over members and MC-dropout passes, sigma from the MC variance alone;
-  * ``ensemble+mc``: same mean, sigma from the mixture (MC variance + spread of members).
+  * ``ensemble+mc``: same mean, sigma from the mixture (MC variance + spread of members);
+  * with a ``point`` model in the parts (``uncertainty_parts.py --point MODEL.pt``), also
+    ``point+ensemble`` and ``point+ensemble+mc``: that model's value, sigma = the RMS
+    deviation of the ensemble's samples from it (``uncertainty.spread_around``).
 
 For each, with every sigma scaled by the calibration fitted on the other seeded half: the
 MAE, Spearman(|error|, sigma), the calibration scale and the 90% coverage it gives, and
@@ -31,6 +34,7 @@ from matcouple.surrogate.uncertainty import (  # noqa: E402
     combine,
     fit_scale,
     held_out_sigmas,
+    spread_around,
 )
 
 TARGET = "formation_energy_per_atom"
@@ -42,9 +46,14 @@ def candidate_sigmas(parts: dict, j: int) -> dict[str, tuple[np.ndarray, np.ndar
     mc_mean, mc_var = parts["mc_mean"][..., j], parts["mc_var"][..., j]
     ens_mean, ens_sigma = combine(det, np.zeros_like(det))
     mix_mean, mix_sigma = combine(mc_mean, mc_var)
-    return {"ensemble": (ens_mean, ens_sigma),
-            "mc": (mix_mean, np.sqrt(mc_var.mean(axis=0))),
-            "ensemble+mc": (mix_mean, mix_sigma)}
+    out = {"ensemble": (ens_mean, ens_sigma),
+           "mc": (mix_mean, np.sqrt(mc_var.mean(axis=0))),
+           "ensemble+mc": (mix_mean, mix_sigma)}
+    if "point" in parts:
+        point = parts["point"][:, j]
+        out["point+ensemble"] = (point, spread_around(point, det, np.zeros_like(det)))
+        out["point+ensemble+mc"] = (point, spread_around(point, mc_mean, mc_var))
+    return out
 
 
 def main() -> None:
@@ -64,10 +73,11 @@ def main() -> None:
     out = a.out or a.parts.with_name("sigma_study.json")
     result: dict = {"parts": a.parts.name, "n": int(finite.sum()),
                     "mc_samples": int(parts["mc_samples"]), "tau": tau,
-                    "model_version": str(parts["model_version"]), "modes": {}}
+                    "model_version": str(parts["model_version"]),
+                    "point_model": str(parts.get("point_model", "")), "modes": {}}
     print(f"{TARGET}, {result['n']} structures, tau {tau:.4f} eV/atom, "
           f"{result['mc_samples']} MC passes per member; held-out halves")
-    print(f"{'mode':13s} {'MAE':>7s} {'Spearman':>8s} {'cover90':>7s} {'accepted':>8s} "
+    print(f"{'mode':17s} {'MAE':>7s} {'Spearman':>8s} {'cover90':>7s} {'accepted':>8s} "
           f"{'within':>7s}")
     curves = {}
     for mode, (mean, sigma) in candidate_sigmas(parts, j).items():
@@ -78,7 +88,7 @@ def main() -> None:
         result["modes"][mode] = {"mae": float(np.abs(err).mean()),
                                  "scale_all": fit_scale(err, sigma),
                                  "held_out_calibration": cal, "held_out_policy": pol}
-        print(f"{mode:13s} {result['modes'][mode]['mae']:7.4f} "
+        print(f"{mode:17s} {result['modes'][mode]['mae']:7.4f} "
               f"{cal['spearman_abs_error_sigma']:8.3f} {cal['coverage_90']:7.3f} "
               f"{pol['accepted_fraction']:8.1%} {pol['within_bound_of_accepted']:7.1%}")
         taus = np.quantile(scaled, np.linspace(0.02, 1.0, 50))

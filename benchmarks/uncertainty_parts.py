@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from matcouple.settings import get_settings  # noqa: E402
 from matcouple.surrogate.data import load_graphs  # noqa: E402
+from matcouple.surrogate.experiments import model_predictions  # noqa: E402
 from matcouple.surrogate.predict import SurrogatePredictor  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,6 +43,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=None, help="graph-building processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "uncertainty_parts.npz")
+    p.add_argument("--point", type=Path, default=None,
+                   help="also save this exported model's dropout-off predictions (a "
+                        "single model the ensemble's spread could give a sigma to)")
     a = p.parse_args()
 
     predictor = SurrogatePredictor.default(device=a.device, model_dir=a.models, mc_samples=0)
@@ -54,13 +58,18 @@ def main() -> None:
     torch.manual_seed(a.seed)
     mc_mean, mc_var = predictor.member_outputs(graphs, a.batch_size)
     seconds = time.perf_counter() - t0
+    extra = {}
+    if a.point:
+        extra = {"point": model_predictions(a.point, graphs, device=a.device,
+                                            spec=predictor.spec),
+                 "point_model": a.point.name}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
         a.out, ids=np.array([g.material_id for g in graphs]),
         targets=np.array(predictor.targets), y=torch.cat([g.y for g in graphs]).numpy(),
         deterministic=deterministic, mc_mean=mc_mean, mc_var=mc_var,
         nsites=np.array([g.num_nodes for g in graphs]), mc_samples=a.mc_samples,
-        model_version=predictor.version)
+        model_version=predictor.version, **extra)
     print(f"{len(graphs)} structures ({len(graph_set.skipped)} skipped), "
           f"{len(predictor.models)} members x (1 + {a.mc_samples} MC passes) in "
           f"{seconds:.1f} s on {predictor.device}; wrote {a.out}")

@@ -127,3 +127,23 @@ def test_training_defaults_come_from_settings(monkeypatch):
     monkeypatch.setattr(train_module, "get_settings", lambda: custom)
     cfg = TrainConfig(data=str(CI))
     assert (cfg.lr, cfg.batch_size) == (1.25e-3, 48)
+
+
+def test_model_predictions_of_one_exported_model(tmp_path):
+    from matcouple.surrogate.experiments import model_predictions
+    from matcouple.surrogate.graph import GraphSpec
+
+    train(_cfg(epochs=1), tmp_path / "c.pt", progress=False, workers=1)
+    export_model(tmp_path / "c.pt", tmp_path / "m.pt")
+    spec = GraphSpec()
+    graphs = load_graphs(CI, ("formation_energy_per_atom", "band_gap"),
+                         split_column="ci_split", split="val", spec=spec, limit=10,
+                         progress=False).graphs
+    values = model_predictions(tmp_path / "m.pt", graphs, device="cpu", spec=spec,
+                               batch_size=4)
+    pair = SurrogatePredictor([tmp_path / "m.pt"] * 2, device="cpu", mc_samples=0)
+    members, _ = pair.member_outputs(graphs, batch_size=3)
+    assert values.shape == (len(graphs), 2)
+    assert values == pytest.approx(members[0], abs=1e-5)
+    with pytest.raises(MatcoupleError, match="other graph settings"):
+        model_predictions(tmp_path / "m.pt", graphs, device="cpu", spec=GraphSpec(k=8))

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch_geometric.loader import DataLoader
 
@@ -146,3 +147,23 @@ def epochs_within(budget_s: float, n_train: int, batch_size: int, step_s: float,
     validation pass after each epoch), at least one."""
     steps = -(-n_train // batch_size)
     return max(1, int(budget_s / (steps * step_s * overhead)))
+
+
+@torch.no_grad()
+def model_predictions(model_path: Path, graphs: list, *, device: str | None = None,
+                      spec: GraphSpec | None = None, batch_size: int = 256) -> np.ndarray:
+    """One exported model's dropout-off predictions, (N, targets), physical units, for
+    studies that score a single model (a predictor needs an ensemble or MC passes).
+    ``spec``: the graph settings ``graphs`` were built with; must be the model's."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, blob = load_model(model_path, dev)
+    if spec is not None and GraphSpec(**blob["graph_spec"]) != spec:
+        raise MatcoupleError(f"{model_path} was trained on other graph settings "
+                             f"({blob['graph_spec']}) than these graphs ({spec})")
+    mean, std = blob["norm_mean"].to(dev), blob["norm_std"].to(dev)
+    out = []
+    for batch in DataLoader(graphs, batch_size=batch_size):
+        batch = batch.to(dev)
+        pred = model(batch.z, batch.edge_index, batch.edge_vec, batch.batch, batch.num_graphs)
+        out.append((pred * std + mean).cpu())
+    return torch.cat(out).numpy()

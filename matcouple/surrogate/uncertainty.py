@@ -23,6 +23,18 @@ def combine(member_means: np.ndarray, member_vars: np.ndarray) -> tuple[np.ndarr
     return mean, np.sqrt(var)
 
 
+def spread_around(point: np.ndarray, member_means: np.ndarray,
+                  member_vars: np.ndarray) -> np.ndarray:
+    """RMS deviation of an ensemble's samples from another model's value: (N, T).
+
+    sigma^2 = mean_k [var_k + (mean_k - point)^2], the mixture's second moment about
+    ``point``. With ``point`` the mixture mean this is :func:`combine`'s sigma; for a more
+    accurate single model it adds how far the ensemble stands from that model, so the
+    ensemble can give an uncertainty to a model that has none of its own."""
+    dev = member_means - point[None]
+    return np.sqrt((member_vars + dev**2).mean(axis=0))
+
+
 def fit_scale(errors: np.ndarray, sigma: np.ndarray, level: float = 0.9) -> float:
     """Scale s so that |error| <= s * z * sigma holds for ``level`` of the calibration set."""
     ratio = np.abs(errors) / np.maximum(sigma, 1e-12)
