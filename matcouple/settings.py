@@ -78,6 +78,13 @@ class Settings:
     surrogate_mc_samples: int = field(default_factory=lambda: int(
         os.environ.get("MATCOUPLE_MC_SAMPLES", "8")))
     surrogate_mc_seed: int = 0
+    # Use the card's value model when it names one ($MATCOUPLE_VALUE_MODEL=0: the ensemble
+    # mean instead, one wide pass less per structure). MEGNet val split, E_f: the wide
+    # dropout-free model's value with the ensemble's spread about it gave MAE 0.051 and
+    # Spearman(|err|, sigma) 0.37 against 0.067 and 0.37 for the ensemble alone, and the
+    # design policy accepted 74% instead of 57% (benchmarks/sigma_study.py).
+    surrogate_value_model: bool = field(default_factory=lambda: os.environ.get(
+        "MATCOUPLE_VALUE_MODEL", "1") != "0")
     # Value tensor products on the fused GEMM path at CPU inference (matcouple/surrogate/
     # fused.py; $MATCOUPLE_FUSED_TP=0 turns it off): same math as e3nn (float64: equal to
     # 1e-6), ~2x faster on that op. With CrysformerConfig.zero_floor the shipped models no

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -147,3 +148,31 @@ def test_model_predictions_of_one_exported_model(tmp_path):
     assert values == pytest.approx(members[0], abs=1e-5)
     with pytest.raises(MatcoupleError, match="other graph settings"):
         model_predictions(tmp_path / "m.pt", graphs, device="cpu", spec=GraphSpec(k=8))
+
+
+def test_model_card_calibrates_each_mode_with_and_without_a_value_model(tmp_path):
+    from matcouple.surrogate.card import build_model_card
+
+    folder = tmp_path / "models"
+    for seed, dropout, name in ((1, 0.1, "crysformer-t-s1.pt"), (2, 0.1, "crysformer-t-s2.pt"),
+                                (3, 0.0, "value-t.pt")):
+        cfg = _cfg(epochs=1, seed=seed, model={**TINY, "dropout": dropout})
+        train(cfg, tmp_path / f"{seed}.ckpt", progress=False, workers=1)
+        export_model(tmp_path / f"{seed}.ckpt", folder / name)
+    card = build_model_card(folder, CI, split_column="ci_split", mc_samples=2, device="cpu",
+                            value_model="value-t.pt", progress=False)
+    assert card["members"] == ["crysformer-t-s1.pt", "crysformer-t-s2.pt"]
+    assert card["value_model"] == "value-t.pt"
+    assert set(card["calibration"]) == {"ensemble2", "ensemble2+mc2", "value+ensemble2",
+                                        "value+ensemble2+mc2"}
+    assert card["default_mode"] == "value+ensemble2+mc2"
+    predictor = SurrogatePredictor.default(model_dir=folder, device="cpu", mc_samples=2)
+    assert predictor.mode == "value+ensemble2+mc2" and predictor.calibrated
+    value_only = SurrogatePredictor([folder / "value-t.pt"] * 2, device="cpu", mc_samples=0)
+    graphs = load_graphs(CI, ("formation_energy_per_atom", "band_gap"),
+                         split_column="ci_split", split="val", spec=predictor.spec,
+                         progress=False).graphs
+    truth = torch.cat([g.y for g in graphs]).numpy()
+    point = value_only.member_outputs(graphs)[0][0]
+    assert card["val_mae"]["value+ensemble2"]["formation_energy_per_atom"] == pytest.approx(
+        float(np.nanmean(np.abs(point[:, 0] - truth[:, 0]))), rel=1e-5)

@@ -54,9 +54,14 @@ from matcouple.store.registry import REFUSED, ModelRegistry
 from matcouple.surrogate.data import load_graphs
 from matcouple.surrogate.graph import GraphSpec, structure_to_graph
 from matcouple.surrogate.model import have_dropout
-from matcouple.surrogate.predict import NON_NEGATIVE, SurrogatePredictor, load_model
+from matcouple.surrogate.predict import (
+    NON_NEGATIVE,
+    SurrogatePredictor,
+    ensemble_value_and_sigma,
+    load_model,
+)
 from matcouple.surrogate.train import _atomic_save, _lr_factor, train_epoch
-from matcouple.surrogate.uncertainty import combine, cross_fitted_calibration
+from matcouple.surrogate.uncertainty import cross_fitted_calibration
 
 log = logging.getLogger(__name__)
 PROMOTION_TARGET = "formation_energy_per_atom"
@@ -161,18 +166,20 @@ def entry_graphs(entries: list[dict], spec: GraphSpec, targets: tuple[str, ...]
 
 # ---------------------------------------------------------------- evaluation
 @torch.no_grad()
-def member_outputs(models: list, blobs: list[dict], graphs: list[Data], device: torch.device,
-                   mc_samples: int, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def ensemble_outputs(models: list, blobs: list[dict], value: tuple | None,
+                     graphs: list[Data], device: torch.device, mc_samples: int,
+                     batch_size: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Each member's mean and MC variance in physical units, (M, N, T) each, in the mode
-    the design policy predicts with (``mc_samples`` MC-dropout passes; 0 = dropout off)."""
+    the design policy predicts with (``mc_samples`` MC-dropout passes; 0 = dropout off),
+    and the value model's prediction (N, T) when there is one (else None)."""
     predictor = SurrogatePredictor.from_models(models, blobs, device=device,
-                                               mc_samples=mc_samples)
-    return predictor.member_outputs(graphs, batch_size)
+                                               mc_samples=mc_samples, value=value)
+    return predictor.outputs(graphs, batch_size)
 
 
-def _ensemble(means: np.ndarray, variances: np.ndarray, targets: tuple[str, ...]
-              ) -> tuple[np.ndarray, np.ndarray]:
-    mean, sigma = combine(means, variances)
+def _ensemble(means: np.ndarray, variances: np.ndarray, point: np.ndarray | None,
+              targets: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    mean, sigma = ensemble_value_and_sigma(means, variances, point)
     for j, t in enumerate(targets):
         if t in NON_NEGATIVE:
             mean[:, j] = np.maximum(mean[:, j], 0.0)
@@ -188,10 +195,10 @@ def _mae(pred: np.ndarray, truth: np.ndarray, targets: tuple[str, ...]) -> dict[
     return out
 
 
-def score(preds: np.ndarray, truth: np.ndarray, n_val: int, targets: tuple[str, ...]
+def score(mean: np.ndarray, truth: np.ndarray, n_val: int, targets: tuple[str, ...]
           ) -> dict[str, dict[str, float]]:
-    """MAE of the ensemble mean on the val slice (first ``n_val`` rows) and the rest."""
-    mean, _ = _ensemble(preds, np.zeros_like(preds), targets)
+    """MAE of the predicted values (N, T) on the val slice (first ``n_val`` rows) and on
+    the rest."""
     metrics = {"val": _mae(mean[:n_val], truth[:n_val], targets)}
     metrics["holdout"] = _mae(mean[n_val:], truth[n_val:], targets) if len(truth) > n_val \
         else {}
@@ -259,6 +266,8 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     members = [load_model(base_dir / m, device) for m in card["members"]]
     models, blobs = [m for m, _ in members], [b for _, b in members]
+    value_name = card.get("value_model")
+    value = load_model(base_dir / value_name, device) if value_name else None
     targets = tuple(blobs[0]["model_config"]["targets"])
     spec = GraphSpec(**blobs[0]["graph_spec"])
     lap("load_model")
@@ -290,15 +299,18 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     truth = torch.cat([g.y for g in eval_graphs]).numpy()
     if config.mc_samples and not have_dropout(models):  # no MC spread: score the ensemble
         config = replace(config, mc_samples=0)
-    current_metrics = score(member_outputs(models, blobs, eval_graphs, device,
-                                           config.mc_samples)[0], truth, len(val), targets)
+    current_mean, _ = _ensemble(*ensemble_outputs(models, blobs, value, eval_graphs, device,
+                                                  config.mc_samples), targets)
+    current_metrics = score(current_mean, truth, len(val), targets)
     lap("evaluate_current")
 
     train_graphs = buffer_train * max(config.buffer_repeat, 1) + replay
     torch.manual_seed(config.seed)
     new_blobs = []
-    bar = tqdm(list(zip(models, blobs, card["members"], strict=True)), desc="fine-tune",
-               unit="member", disable=not config.progress)
+    jobs = list(zip(models, blobs, card["members"], strict=True))
+    if value is not None:  # the value model learns from the buffer like the members
+        jobs.append((value[0], value[1], value_name))
+    bar = tqdm(jobs, desc="fine-tune", unit="model", disable=not config.progress)
     for k, (model, blob, _name) in enumerate(bar):
         gen = torch.Generator().manual_seed(config.seed + k)
         loader = DataLoader(train_graphs, batch_size=config.batch_size, shuffle=True,
@@ -321,12 +333,13 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
                           "finetune": {"parent": parent, "epochs": config.epochs,
                                        "lr": config.lr, "train_losses": losses}})
     lap("train")
-    preds, variances = member_outputs(models, new_blobs, eval_graphs, device,
-                                      config.mc_samples)
-    new_metrics = score(preds, truth, len(val), targets)
-
-    mean, sigma = _ensemble(preds, variances, targets)
-    mode = f"ensemble{len(models)}" + (f"+mc{config.mc_samples}" if config.mc_samples else "")
+    new_value = (value[0], new_blobs.pop()) if value is not None else None
+    preds, variances, point = ensemble_outputs(models, new_blobs, new_value, eval_graphs,
+                                               device, config.mc_samples)
+    mean, sigma = _ensemble(preds, variances, point, targets)
+    new_metrics = score(mean, truth, len(val), targets)
+    mode = ("value+" if value is not None else "") + f"ensemble{len(models)}" + (
+        f"+mc{config.mc_samples}" if config.mc_samples else "")
     calibration: dict[str, Any] = {"n": len(eval_graphs)}
     for j, t in enumerate(targets):
         known = ~np.isnan(truth[:, j])
@@ -354,6 +367,8 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
         "val_mae": {mode: new_metrics["val"]}, "default_mode": mode,
         "member_val_mae": [_mae(p[: len(val)], truth[: len(val)], targets) for p in preds],
         "member_epochs": [b["epochs_trained"] for b in new_blobs],
+        **({"value_model_val_mae": _mae(point[: len(val)], truth[: len(val)], targets)}
+           if point is not None else {}),
         "finetune": {"parent": parent, "config": asdict(config), "metrics": metrics,
                      "data": data, "created": dt.datetime.now(dt.UTC).isoformat()},
     }
@@ -361,6 +376,8 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
         out = Path(tmp)
         for name, blob in zip(card["members"], new_blobs, strict=True):
             _atomic_save(blob, out / name)
+        if new_value is not None:
+            _atomic_save(new_value[1], out / value_name)
         (out / "model_card.json").write_text(json.dumps(new_card, indent=1, default=str))
         metrics["elapsed_s"] = time.monotonic() - start
         version = registry.register(out, metrics=metrics, parent=parent, data=data)

@@ -69,10 +69,15 @@ def _read_card(model_dir: Path) -> dict[str, Any]:
         raise RegistryError(f"{path} is not valid JSON: {exc}") from exc
     if not card.get("members"):
         raise RegistryError(f"{path} lists no ensemble members")
-    missing = [m for m in card["members"] if not (Path(model_dir) / m).exists()]
+    missing = [m for m in model_files(card) if not (Path(model_dir) / m).exists()]
     if missing:
-        raise RegistryError(f"{model_dir} lacks the member file(s) {missing} named in {CARD}")
+        raise RegistryError(f"{model_dir} lacks the model file(s) {missing} named in {CARD}")
     return card
+
+
+def model_files(card: dict[str, Any]) -> list[str]:
+    """The model files a card names: its members, then its value model if it has one."""
+    return list(card["members"]) + ([card["value_model"]] if card.get("value_model") else [])
 
 
 class ModelRegistry:   # GridFS bucket + a `model_versions` collection
@@ -129,7 +134,7 @@ class ModelRegistry:   # GridFS bucket + a `model_versions` collection
         self.versions.insert_one(doc)
         uploaded = []
         try:
-            blobs = [(m, (model_dir / m).read_bytes()) for m in card["members"]]
+            blobs = [(m, (model_dir / m).read_bytes()) for m in model_files(card)]
             blobs.append((CARD, json.dumps(card, indent=1).encode()))
             for name, blob in blobs:
                 digest = sha256_bytes(blob)

@@ -17,7 +17,11 @@ import torch
 
 from matcouple.settings import get_settings
 from matcouple.surrogate.data import load_graphs
-from matcouple.surrogate.predict import SurrogatePredictor
+from matcouple.surrogate.predict import (
+    NON_NEGATIVE,
+    SurrogatePredictor,
+    ensemble_value_and_sigma,
+)
 from matcouple.surrogate.uncertainty import cross_fitted_calibration
 
 
@@ -54,14 +58,17 @@ def _plot(errors: np.ndarray, sigma: np.ndarray, truth: np.ndarray, pred: np.nda
 def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet_split",
                      split: str = "val", mc_samples: int | None = None,
                      mc_limit: int | None = None, device: str | None = None,
-                     progress: bool = True) -> dict:
+                     value_model: str | None = None, progress: bool = True) -> dict:
     """Evaluate the ensemble in ``model_dir`` on a split and write ``model_card.json``:
     dropout off and with ``mc_samples`` MC passes (default ``Settings.surrogate_mc_samples``)
-    on the first ``mc_limit`` rows (default all), each mode with its calibration scales."""
-    members = sorted(p.name for p in model_dir.glob("crysformer-*.pt"))
+    on the first ``mc_limit`` rows (default all), each mode with its calibration scales.
+    ``value_model``: a file in ``model_dir`` (not a member) whose prediction is the value,
+    the members giving its sigma; each mode is then calibrated with and without it."""
+    members = sorted(p.name for p in model_dir.glob("crysformer-*.pt") if p.name != value_model)
     mc_samples = get_settings().surrogate_mc_samples if mc_samples is None else mc_samples
     predictor = SurrogatePredictor([model_dir / m for m in members], device=device,
-                                   mc_samples=0)
+                                   mc_samples=0, value_model=model_dir / value_model
+                                   if value_model else None)
     targets = predictor.targets
     graphs = load_graphs(data, targets, split_column=split_column, split=split,
                          spec=predictor.spec, progress=progress).graphs
@@ -81,26 +88,37 @@ def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet
         "member_epochs": [b["epochs_trained"] for b in predictor.blobs],
         "calibration": {}, "val_mae": {},
     }
+    if value_model:
+        card["value_model"] = value_model
+        card["value_model_config"] = predictor.value[1]["model_config"]
+        card["value_model_val_mae"] = predictor.value[1]["val_mae"]
     modes = [(0, None)] + ([(mc_samples, mc_limit)] if mc_samples else [])
     for mc, limit in modes:
         predictor.mc_samples = mc
         subset = graphs[:limit] if limit else graphs
-        predictor.scales = dict.fromkeys(targets, 1.0)
-        mean, sigma = predictor.predict_graphs(subset)
+        means, variances, point = predictor.outputs(subset)
         y = truth[: len(subset)]
-        errors = mean - y
-        mode = predictor.mode
-        card["calibration"][mode] = {"n": len(subset)}
-        for j, t in enumerate(targets):
-            cal = cross_fitted_calibration(errors[:, j], sigma[:, j])
-            card["calibration"][mode][t] = {"scale": cal["scale"], "mae": float(
-                np.abs(errors[:, j]).mean()), "held_out": cal["held_out"],
-                "uncalibrated": cal["uncalibrated"]}
-        card["val_mae"][mode] = {t: float(np.abs(errors[:, j]).mean())
-                                 for j, t in enumerate(targets)}
-        if mc == mc_samples and len(subset) == len(graphs):  # the default mode, whole split
-            scales = np.array([card["calibration"][mode][t]["scale"] for t in targets])
-            _plot(errors, sigma * scales, y, mean, targets, model_dir / "model_card.png")
-            card["default_mode"] = mode
+        for use_value in ([False, True] if value_model else [False]):
+            mean, sigma = ensemble_value_and_sigma(means, variances,
+                                                   point if use_value else None)
+            for j, t in enumerate(targets):
+                if t in NON_NEGATIVE:
+                    mean[:, j] = np.maximum(mean[:, j], 0.0)
+            errors = mean - y
+            mode = ("value+" if use_value else "") + predictor.mode.removeprefix("value+")
+            card["calibration"][mode] = {"n": len(subset)}
+            for j, t in enumerate(targets):
+                cal = cross_fitted_calibration(errors[:, j], sigma[:, j])
+                card["calibration"][mode][t] = {"scale": cal["scale"], "mae": float(
+                    np.abs(errors[:, j]).mean()), "held_out": cal["held_out"],
+                    "uncalibrated": cal["uncalibrated"]}
+            card["val_mae"][mode] = {t: float(np.abs(errors[:, j]).mean())
+                                     for j, t in enumerate(targets)}
+            # the default mode (MC passes, the value model if any) on the whole split
+            if mc == mc_samples and len(subset) == len(graphs) and \
+                    use_value == bool(value_model):
+                scales = np.array([card["calibration"][mode][t]["scale"] for t in targets])
+                _plot(errors, sigma * scales, y, mean, targets, model_dir / "model_card.png")
+                card["default_mode"] = mode
     (model_dir / "model_card.json").write_text(json.dumps(card, indent=1))
     return card

@@ -1,8 +1,10 @@
 """Batched prediction with an uncertainty, from the shipped (or any) Crysformer models.
 
 A predictor holds an ensemble of exported models plus the calibration scales of the
-model card. Structures that cannot be used are returned as rows with an error, so one bad
-file never costs the rest of a batch.
+model card, and optionally a *value model*: one more accurate model whose prediction is the
+value, the ensemble's samples then giving its sigma (their RMS deviation from it).
+Structures that cannot be used are returned as rows with an error, so one bad file never
+costs the rest of a batch.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from matcouple.surrogate.graph import (
 from matcouple.surrogate.mc_dropout import draw_masks, replaying
 from matcouple.surrogate.model import Crysformer, CrysformerConfig, have_dropout
 from matcouple.surrogate.train import MODEL_FORMAT
-from matcouple.surrogate.uncertainty import combine
+from matcouple.surrogate.uncertainty import combine, spread_around
 
 NON_NEGATIVE = {"band_gap"}
 
@@ -76,43 +78,60 @@ def _compact_graph_or_error(item: CompactCrystal | Structure, spec: GraphSpec) -
     return _graph_or_error(crystal_from_compact(item), spec)
 
 
+def ensemble_value_and_sigma(means: np.ndarray, variances: np.ndarray,
+                             point: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Value and raw sigma (N, targets): the mixture's mean and spread, or, with a value
+    model's ``point`` prediction, that prediction and the mixture's spread about it."""
+    if point is None:
+        return combine(means, variances)
+    return point.copy(), spread_around(point, means, variances)
+
+
 class SurrogatePredictor:
     """An ensemble of Crysformer models with calibrated uncertainties.
 
     ``mc_samples`` MC-dropout passes per member (default ``Settings.surrogate_mc_samples``;
-    0 = dropout off, the fast mode). The value is then the mean over members and passes,
-    the sigma the mixture's spread, scaled by the card's calibration for that mode."""
+    0 = dropout off, the fast mode). The value is then the mean over members and passes
+    (or the value model's prediction), the sigma the mixture's spread (about that value),
+    scaled by the card's calibration for that mode."""
 
     def __init__(self, model_paths: Sequence[Path], *, card: dict | None = None,
-                 device: str | None = None, mc_samples: int | None = None) -> None:
+                 device: str | None = None, mc_samples: int | None = None,
+                 value_model: Path | None = None) -> None:
         if not model_paths:
             raise MatcoupleError("no surrogate model files given")
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         loaded = [load_model(Path(p), dev) for p in model_paths]
-        self._setup([m for m, _ in loaded], [b for _, b in loaded], card, dev, mc_samples)
+        value = load_model(Path(value_model), dev) if value_model is not None else None
+        self._setup([m for m, _ in loaded], [b for _, b in loaded], card, dev, mc_samples,
+                    value)
 
     @classmethod
     def from_models(cls, models: Sequence[Crysformer], blobs: Sequence[dict], *,
                     card: dict | None = None, device: torch.device,
-                    mc_samples: int | None = None) -> SurrogatePredictor:
+                    mc_samples: int | None = None,
+                    value: tuple[Crysformer, dict] | None = None) -> SurrogatePredictor:
         """A predictor over models already in memory (e.g. members being fine-tuned)."""
         self = cls.__new__(cls)
-        self._setup(list(models), list(blobs), card, device, mc_samples)
+        self._setup(list(models), list(blobs), card, device, mc_samples, value)
         return self
 
     def _setup(self, models: list[Crysformer], blobs: list[dict], card: dict | None,
-               device: torch.device, mc_samples: int | None) -> None:
+               device: torch.device, mc_samples: int | None,
+               value: tuple[Crysformer, dict] | None = None) -> None:
         self.device = device
         self.models, self.blobs = models, blobs
-        for m in models:
+        self.value = value
+        for m in models + ([value[0]] if value else []):
             m.set_fused(get_settings().surrogate_fused_tp)
         first = self.blobs[0]
         self.targets = tuple(first["model_config"]["targets"])
         self.spec = GraphSpec(**first["graph_spec"])
-        for b in self.blobs[1:]:
+        for b in self.blobs[1:] + ([value[1]] if value else []):
             if tuple(b["model_config"]["targets"]) != self.targets or \
                     GraphSpec(**b["graph_spec"]) != self.spec:
-                raise MatcoupleError("ensemble members disagree on targets or graph settings")
+                raise MatcoupleError("ensemble members (and value model) disagree on "
+                                     "targets or graph settings")
         self.card = card or {}
         self.version = self.card.get("version", "uncalibrated")
         # Members trained without dropout have no MC spread: their default is the ensemble.
@@ -142,8 +161,8 @@ class SurrogatePredictor:
 
     @property
     def mode(self) -> str:
-        return f"ensemble{len(self.models)}" + (f"+mc{self.mc_samples}" if self.mc_samples
-                                                 else "")
+        return ("value+" if self.value else "") + f"ensemble{len(self.models)}" + (
+            f"+mc{self.mc_samples}" if self.mc_samples else "")
 
     @classmethod
     def default(cls, *, device: str | None = None, mc_samples: int | None = None,
@@ -154,8 +173,9 @@ class SurrogatePredictor:
         if not card_path.exists():
             raise MatcoupleError(f"no model card in {folder}: train and calibrate first")
         card = json.loads(card_path.read_text())
+        value = card.get("value_model") if get_settings().surrogate_value_model else None
         return cls([folder / m for m in card["members"]], card=card, device=device,
-                   mc_samples=mc_samples)
+                   mc_samples=mc_samples, value_model=folder / value if value else None)
 
     def graph(self, structure: Structure) -> Data:
         g = structure_to_graph(structure, self.spec)
@@ -192,6 +212,9 @@ class SurrogatePredictor:
             return
         gen = torch.Generator().manual_seed(get_settings().surrogate_mc_seed)
         for model, _, batch in jobs:
+            if self.value is not None and model is self.value[0]:
+                yield None  # the value model: one deterministic pass
+                continue
             shapes = model.dropout_shapes(batch.num_nodes, batch.num_edges)
             yield [draw_masks(shapes, model.cfg.dropout, gen)
                    for _ in range(self.mc_samples)]
@@ -205,7 +228,14 @@ class SurrogatePredictor:
     def member_outputs(self, graphs: Sequence[Data | dict], batch_size: int | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
         """Each member's mean and MC-dropout variance, each (members, N, targets), physical
-        units, before calibration: the parts a sigma is made of, kept apart for studies.
+        units, before calibration: the parts a sigma is made of, kept apart for studies."""
+        means, variances, _ = self.outputs(graphs, batch_size, with_value=False)
+        return means, variances
+
+    def outputs(self, graphs: Sequence[Data | dict], batch_size: int | None = None, *,
+                with_value: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`member_outputs` plus the value model's prediction (N, targets), None
+        without a value model (or ``with_value=False``).
 
         On CPU the members run side by side, one thread each: coarse-grained parallelism
         that, unlike OpenMP threads inside each op, does not collapse when other processes
@@ -215,8 +245,10 @@ class SurrogatePredictor:
         batches = [collate_graphs(graphs[i:i + batch_size]).to(self.device)
                    for i in range(0, len(graphs), batch_size)]
         # one job per (member, batch): balances 3 members over 2 cores
-        jobs = [(m, b, batch) for m, b in zip(self.models, self.blobs, strict=True)
-                for batch in batches]
+        models = list(zip(self.models, self.blobs, strict=True))
+        if with_value and self.value is not None:
+            models.append(self.value)
+        jobs = [(m, b, batch) for m, b in models for batch in batches]
         parallel = min(len(jobs), os.cpu_count() or 1) if self.device.type == "cpu" else 1
         outs = self._run(jobs, parallel)
         per = len(batches)
@@ -224,7 +256,10 @@ class SurrogatePredictor:
                              for k in range(0, len(outs), per)])
         variances = torch.stack([torch.cat([o[1] for o in outs[k:k + per]])
                                  for k in range(0, len(outs), per)])
-        return means.cpu().numpy(), variances.cpu().numpy()
+        means, variances = means.cpu().numpy(), variances.cpu().numpy()
+        if len(models) > len(self.models):
+            return means[:-1], variances[:-1], means[-1]
+        return means, variances, None
 
     def _run(self, jobs: list[tuple[Crysformer, dict, GraphBatch]], parallel: int
              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -250,8 +285,7 @@ class SurrogatePredictor:
     def predict_graphs(self, graphs: Sequence[Data | dict], batch_size: int | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
         """Mean and calibrated sigma, each (N, targets), in physical units."""
-        means, variances = self.member_outputs(graphs, batch_size)
-        mean, sigma = combine(means, variances)
+        mean, sigma = ensemble_value_and_sigma(*self.outputs(graphs, batch_size))
         for j, t in enumerate(self.targets):
             sigma[:, j] *= self.scales[t]
             if t in NON_NEGATIVE:
