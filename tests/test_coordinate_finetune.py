@@ -4,6 +4,7 @@ a corrupt GridFS file is a clear error."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from matcouple.coordinate.buffer import FineTuneBuffer, finetune_firework_if_due
 from matcouple.coordinate.finetune import (
@@ -134,6 +136,16 @@ def test_finetune_end_to_end_through_rlaunch(db, env, launchpad_config, tmp_path
     folder = registry.model_dir(version)
     predictor = SurrogatePredictor.default(model_dir=folder, device="cpu")
     assert predictor.version == version and predictor.calibrated
+    shipped = json.loads((get_settings().surrogate_model_dir / "model_card.json").read_text())
+    if shipped.get("value_model"):  # the value model was fine-tuned and travels with it
+        name = shipped["value_model"]
+        assert name in {f["name"] for f in doc["files"]}
+        assert predictor.mode.startswith("value+") and predictor.value is not None
+        before = torch.load(get_settings().surrogate_model_dir / name, weights_only=True)
+        after = torch.load(folder / name, weights_only=True)
+        assert after["finetune"]["parent"] == doc["parent"]
+        assert any(not torch.equal(before["state_dict"][k], after["state_dict"][k])
+                   for k in before["state_dict"])
     assert predictor.scales["formation_energy_per_atom"] > 0
     structure = structure_from_text(
         pd.read_csv(CI, keep_default_na=False, na_values=[""]).cif.iloc[0], "cif")
