@@ -54,12 +54,7 @@ from matcouple.store.registry import REFUSED, ModelRegistry
 from matcouple.surrogate.data import load_graphs
 from matcouple.surrogate.graph import GraphSpec, structure_to_graph
 from matcouple.surrogate.model import have_dropout
-from matcouple.surrogate.predict import (
-    NON_NEGATIVE,
-    SurrogatePredictor,
-    ensemble_value_and_sigma,
-    load_model,
-)
+from matcouple.surrogate.predict import SurrogatePredictor, ensemble_value_and_sigma, load_model
 from matcouple.surrogate.train import _atomic_save, _lr_factor, train_epoch
 from matcouple.surrogate.uncertainty import cross_fitted_calibration
 
@@ -177,15 +172,6 @@ def ensemble_outputs(models: list, blobs: list[dict], value: tuple | None,
     return predictor.outputs(graphs, batch_size)
 
 
-def _ensemble(means: np.ndarray, variances: np.ndarray, point: np.ndarray | None,
-              targets: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    mean, sigma = ensemble_value_and_sigma(means, variances, point)
-    for j, t in enumerate(targets):
-        if t in NON_NEGATIVE:
-            mean[:, j] = np.maximum(mean[:, j], 0.0)
-    return mean, sigma
-
-
 def _mae(pred: np.ndarray, truth: np.ndarray, targets: tuple[str, ...]) -> dict[str, float]:
     out = {}
     for j, t in enumerate(targets):
@@ -299,8 +285,8 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     truth = torch.cat([g.y for g in eval_graphs]).numpy()
     if config.mc_samples and not have_dropout(models):  # no MC spread: score the ensemble
         config = replace(config, mc_samples=0)
-    current_mean, _ = _ensemble(*ensemble_outputs(models, blobs, value, eval_graphs, device,
-                                                  config.mc_samples), targets)
+    current_mean, _ = ensemble_value_and_sigma(*ensemble_outputs(
+        models, blobs, value, eval_graphs, device, config.mc_samples), targets)
     current_metrics = score(current_mean, truth, len(val), targets)
     lap("evaluate_current")
 
@@ -336,7 +322,7 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     new_value = (value[0], new_blobs.pop()) if value is not None else None
     preds, variances, point = ensemble_outputs(models, new_blobs, new_value, eval_graphs,
                                                device, config.mc_samples)
-    mean, sigma = _ensemble(preds, variances, point, targets)
+    mean, sigma = ensemble_value_and_sigma(preds, variances, point, targets)
     new_metrics = score(mean, truth, len(val), targets)
     mode = ("value+" if value is not None else "") + f"ensemble{len(models)}" + (
         f"+mc{config.mc_samples}" if config.mc_samples else "")

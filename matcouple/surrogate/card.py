@@ -17,11 +17,7 @@ import torch
 
 from matcouple.settings import get_settings
 from matcouple.surrogate.data import load_graphs
-from matcouple.surrogate.predict import (
-    NON_NEGATIVE,
-    SurrogatePredictor,
-    ensemble_value_and_sigma,
-)
+from matcouple.surrogate.predict import SurrogatePredictor, ensemble_value_and_sigma
 from matcouple.surrogate.uncertainty import cross_fitted_calibration
 
 
@@ -100,10 +96,7 @@ def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet
         y = truth[: len(subset)]
         for use_value in ([False, True] if value_model else [False]):
             mean, sigma = ensemble_value_and_sigma(means, variances,
-                                                   point if use_value else None)
-            for j, t in enumerate(targets):
-                if t in NON_NEGATIVE:
-                    mean[:, j] = np.maximum(mean[:, j], 0.0)
+                                                   point if use_value else None, targets)
             errors = mean - y
             mode = ("value+" if use_value else "") + predictor.mode.removeprefix("value+")
             card["calibration"][mode] = {"n": len(subset)}

@@ -106,11 +106,10 @@ def with_targets(cfg: TrainConfig, targets: tuple[str, ...]) -> TrainConfig:
 
 def seconds_per_step(cfg: TrainConfig, *, device: str | None, cache_dir: Path | None = None,
                      steps: int = 30, skip: int = 10) -> tuple[float, int]:
-    """(Median wall time of one training step (forward, backward, AdamW) of ``cfg``'s model
-    at ``cfg.batch_size`` on ``device``, on the real training graphs; the first ``skip``
-    steps (allocator and kernel warm-up) are not counted; and the number of training
-    graphs. Runs side by side with other
-    studies measure the shared speed they will train at."""
+    """Median wall time of one training step (forward, backward, AdamW) of ``cfg``'s model
+    at ``cfg.batch_size`` on ``device`` over the real training graphs, and the number of
+    those graphs. The first ``skip`` steps (allocator and kernel warm-up) are not counted.
+    Studies timed side by side measure the shared speed they will then train at."""
     from matcouple.surrogate.atom_features import atom_feature_table
     from matcouple.surrogate.model import Crysformer, CrysformerConfig
 

@@ -79,12 +79,19 @@ def _compact_graph_or_error(item: CompactCrystal | Structure, spec: GraphSpec) -
 
 
 def ensemble_value_and_sigma(means: np.ndarray, variances: np.ndarray,
-                             point: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+                             point: np.ndarray | None, targets: Sequence[str]
+                             ) -> tuple[np.ndarray, np.ndarray]:
     """Value and raw sigma (N, targets): the mixture's mean and spread, or, with a value
-    model's ``point`` prediction, that prediction and the mixture's spread about it."""
+    model's ``point`` prediction, that prediction and the mixture's spread about it.
+    Values of targets that cannot be negative (band gap) are clipped at zero."""
     if point is None:
-        return combine(means, variances)
-    return point.copy(), spread_around(point, means, variances)
+        value, sigma = combine(means, variances)
+    else:
+        value, sigma = point.copy(), spread_around(point, means, variances)
+    for j, t in enumerate(targets):
+        if t in NON_NEGATIVE:
+            value[:, j] = np.maximum(value[:, j], 0.0)
+    return value, sigma
 
 
 class SurrogatePredictor:
@@ -285,11 +292,10 @@ class SurrogatePredictor:
     def predict_graphs(self, graphs: Sequence[Data | dict], batch_size: int | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
         """Mean and calibrated sigma, each (N, targets), in physical units."""
-        mean, sigma = ensemble_value_and_sigma(*self.outputs(graphs, batch_size))
+        mean, sigma = ensemble_value_and_sigma(*self.outputs(graphs, batch_size),
+                                               self.targets)
         for j, t in enumerate(self.targets):
             sigma[:, j] *= self.scales[t]
-            if t in NON_NEGATIVE:
-                mean[:, j] = np.maximum(mean[:, j], 0.0)
         return mean, sigma
 
     def predict(self, items: Sequence[tuple[str, Structure | Exception]],
