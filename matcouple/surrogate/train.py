@@ -79,6 +79,14 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def next_epoch_fits(elapsed_s: float, epochs_this_chunk: int, budget_s: float) -> bool:
+    """Whether one more epoch fits in a chunk's time budget. Epochs are timed from this
+    chunk alone: a resumed run's earlier epochs ran in other chunks, and counting them
+    would make epochs look short and overrun the job's limit."""
+    per_epoch = elapsed_s / max(epochs_this_chunk, 1)
+    return elapsed_s + per_epoch <= budget_s
+
+
 def _atomic_save(obj: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -228,7 +236,7 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
     mean_d, std_d = mean.to(dev), std.to(dev)
     use_amp = cfg.amp and dev.type == "cuda"
     budget = None if minutes is None else minutes * 60
-    stopped_early = False
+    stopped_early, first_epoch = False, epoch  # this chunk's epochs time the next one
     last_epoch = cfg.epochs if chunk_epochs is None else min(cfg.epochs, epoch + chunk_epochs)
     while epoch < last_epoch:
         model.train()
@@ -288,8 +296,8 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
         if ctx.is_main:
             _atomic_save(state, out)
         if budget is not None and epoch < cfg.epochs:
-            per_epoch = (time.monotonic() - start_time) / max(len(history), 1)
-            late = time.monotonic() - start_time + per_epoch > budget
+            late = not next_epoch_fits(time.monotonic() - start_time, epoch - first_epoch,
+                                       budget)
             stopped_early = bool(ctx.from_main([late])[0])  # rank 0's clock decides for all
             if stopped_early:
                 break
