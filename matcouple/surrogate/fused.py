@@ -8,6 +8,14 @@ against a constant Clebsch-Gordan matrix, and the Linear that follows is one mat
 output irrep. The constants are derived from the e3nn modules themselves (the Linear by
 probing it with the identity) and rebuilt whenever their parameters change, so the
 result is the e3nn result up to float rounding and training code never sees this path.
+
+Two contraction orders exist for each output irrep type. "Q first" multiplies the input by
+the Linear's rows, then contracts with P = SH @ CG: its per-edge intermediate has (sum of
+input components over the paths) x (output channels) entries. "X first" contracts the input
+with P, then applies the Linear as one GEMM over all paths: (output components) x (sum of
+input channels). Per-edge weights (the messages) take the smaller one per type, measured
+1.7-1.9x faster than Q first alone on the shipped models; shared weights (the values) keep
+Q first, whose one GEMM per input block covers all its paths (as fast or faster there).
 """
 
 from __future__ import annotations
@@ -47,6 +55,28 @@ class _OutputType:
     p_cols: slice
 
 
+@dataclass
+class _XPath:
+    """One TP instruction of an X-first output type."""
+
+    x: slice       # its input block
+    mul: int
+    dim: int       # input components
+    w_cols: slice  # its per-edge weights
+    p_cols: slice  # its (output component, input component) columns of sh @ cg_x
+
+
+@dataclass
+class _XType:
+    """An output type computed X first: P applied to each path's input, then one GEMM."""
+
+    index: int
+    dim: int
+    mul: int
+    paths: list[_XPath]
+    matrix: torch.Tensor  # (sum of the paths' input channels, mul): Linear rows stacked
+
+
 def _check_supported(tp: o3.TensorProduct, lin: o3.Linear) -> None:
     if any(mul != 1 for mul, _ in tp.irreps_in2):
         raise ValueError("fused TP needs a multiplicity-1 second input (spherical harmonics)")
@@ -67,6 +97,20 @@ def _linear_matrix(lin: o3.Linear) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         bias = lin(zero)[0]
         return lin(eye) - bias, bias
+
+
+def _x_first_types(tp: o3.TensorProduct, out_irreps: o3.Irreps) -> set[int]:
+    """Output types whose X-first intermediate is smaller than the Q-first one (per edge:
+    out dim x input channels summed over paths vs input dims summed x output channels)."""
+    x_size = [0] * len(out_irreps)
+    q_size = [0] * len(out_irreps)
+    types = {ir: t for t, (_, ir) in enumerate(out_irreps)}
+    for ins in tp.instructions:
+        mul, ir_in = tp.irreps_in1[ins.i_in1]
+        t = types[tp.irreps_out[ins.i_out].ir]
+        x_size[t] += out_irreps[t].ir.dim * mul
+        q_size[t] += ir_in.dim * out_irreps[t].mul
+    return {t for t in range(len(out_irreps)) if x_size[t] < q_size[t]}
 
 
 class FusedTPLinear:
@@ -102,6 +146,11 @@ class FusedTPLinear:
         types = {ir: t for t, (_, ir) in enumerate(out_irreps)}
         blocks = [_InputBlock(sl, mul, ir.dim, [], torch.zeros(0))
                   for (mul, ir), sl in zip(tp.irreps_in1, tp.irreps_in1.slices(), strict=True)]
+        x_first = set() if self.shared else _x_first_types(tp, out_irreps)
+        x_types = {t: _XType(t, out_irreps[t].ir.dim, out_irreps[t].mul, [], torch.zeros(0))
+                   for t in sorted(x_first)}
+        x_mats: dict[int, list[torch.Tensor]] = {t: [] for t in x_first}
+        x_cgs: list[torch.Tensor] = []
         cgs: list[list[torch.Tensor]] = [[] for _ in out_irreps]
         w_offsets = torch.tensor([0] + [ins.path_shape[0] * ins.path_shape[1]
                                         for ins in tp.instructions]).cumsum(0).tolist()
@@ -124,6 +173,14 @@ class FusedTPLinear:
             m = dense[isl.start:isl.stop:ir_out.dim, osl.start:osl.stop:ir_out.dim]
             if self.shared:  # constant weights: fold them into the Linear
                 m = tp.weight.detach()[w_col:w_col + mul, None] * m
+            if t in x_first:
+                col = sum(c.shape[1] for c in x_cgs)
+                x_cgs.append(cg.reshape(sh_dim, -1))
+                x_types[t].paths.append(_XPath(blocks[ins.i_in1].x, mul, ir_in.dim,
+                                               slice(w_col, w_col + mul),
+                                               slice(col, col + x_cgs[-1].shape[1])))
+                x_mats[t].append(m)
+                continue
             blk = blocks[ins.i_in1]
             q0 = sum(path.matrix.shape[1] for path in blk.paths)
             cgs[t].append(cg)
@@ -133,14 +190,20 @@ class FusedTPLinear:
             if blk.paths:
                 blk.matrix = torch.cat([path.matrix for path in blk.paths], dim=1)
         self._in_blocks = [blk for blk in blocks if blk.paths]
-        if any(not c for c in cgs):
+        if any(not c for t, c in enumerate(cgs) if t not in x_first) or \
+                any(not xt.paths for xt in x_types.values()):
             raise ValueError("every Linear output type must be reached by a TP path")
-        # P's columns per type: (dim, rows), rows = (path, component in) as stacked in Q
-        mats = [torch.cat(c, dim=2).reshape(sh_dim, -1) for c in cgs]
+        # P's columns per Q-first type: (dim, rows), rows = (path, component in) as in Q
+        mats = [torch.cat(c, dim=2).reshape(sh_dim, -1) if c else
+                torch.zeros(sh_dim, 0, dtype=torch.float64) for c in cgs]
         bounds = torch.tensor([0] + [m.shape[1] for m in mats]).cumsum(0).tolist()
         self._types = [_OutputType(ir.dim, slice(bounds[t], bounds[t + 1]))
                        for t, (_, ir) in enumerate(out_irreps)]
         self._cg = torch.cat(mats, dim=1).to(dense)
+        for t, xt in x_types.items():
+            xt.matrix = torch.cat(x_mats[t], dim=0).contiguous().to(dense)
+        self._x_types = x_types
+        self._cg_x = torch.cat(x_cgs, dim=1).to(dense) if x_cgs else None
         self._bias = bias if bias.abs().max() > 0 else None
         self._version = self._source_version()
 
@@ -161,10 +224,31 @@ class FusedTPLinear:
                 else:
                     xw = (xt * weight[:, path.w_cols].unsqueeze(1)).reshape(n * blk.dim, -1)
                     parts[path.out_type].append((xw @ path.matrix).view(n, blk.dim, -1))
+        px = None if self._cg_x is None else sh @ self._cg_x
         out = []
-        for t, qs in zip(self._types, parts, strict=True):
-            # (n, dim, rows) @ (n, rows, mul): all paths into this type in one product
-            f = torch.bmm(p[:, t.p_cols].view(n, t.dim, -1), torch.cat(qs, dim=1))
+        for k, (t, qs) in enumerate(zip(self._types, parts, strict=True)):
+            if k in self._x_types:
+                f = self._x_first(self._x_types[k], x, px, weight)
+            else:
+                # (n, dim, rows) @ (n, rows, mul): all paths into this type in one product
+                f = torch.bmm(p[:, t.p_cols].view(n, t.dim, -1), torch.cat(qs, dim=1))
             out.append(f.view(n, -1) if t.dim == 1 else f.transpose(1, 2).reshape(n, -1))
         result = torch.cat(out, dim=1)
         return result if self._bias is None else result + self._bias
+
+    @staticmethod
+    def _x_first(xt: _XType, x: torch.Tensor, px: torch.Tensor,
+                 weight: torch.Tensor | None) -> torch.Tensor:
+        """(n, dim, mul) of one X-first type: each path's input contracted with its P
+        block (and scaled by its per-edge weights), side by side, times the Linear rows."""
+        n = x.shape[0]
+        ys = []
+        for path in xt.paths:
+            pp = px[:, path.p_cols].view(n, xt.dim, path.dim)
+            xb = x[:, path.x].view(n, path.mul, path.dim).transpose(1, 2)
+            y = pp * xb if path.dim == 1 else torch.bmm(pp, xb)
+            if weight is not None:
+                y = y * weight[:, path.w_cols].unsqueeze(1)
+            ys.append(y)
+        y = torch.cat(ys, dim=2) if len(ys) > 1 else ys[0]
+        return (y.reshape(n * xt.dim, -1) @ xt.matrix).view(n, xt.dim, xt.mul)
