@@ -10,6 +10,7 @@ from matcouple.surrogate.atom_features import atom_feature_table
 from matcouple.surrogate.graph import GraphSpec
 from matcouple.surrogate.model import Crysformer, CrysformerConfig, parse_model_overrides
 from matcouple.surrogate.predict import SurrogatePredictor
+from matcouple.surrogate.train import next_epoch_fits
 
 
 def test_overrides_are_typed_like_the_config():
@@ -88,3 +89,11 @@ def test_train_cli_refuses_a_zero_learning_rate_before_reading_data(tmp_path):
     assert result.exit_code == 2
     assert "learning rate must be a positive number" in result.output
     assert not (tmp_path / "c.pt").exists()
+
+
+def test_chunk_budget_times_epochs_of_this_chunk_only() -> None:
+    """A resumed run (say 40 epochs behind it) must not count earlier chunks' epochs when it
+    estimates how long the next one takes: 10 epochs in 300 s leave no room in 320 s."""
+    assert not next_epoch_fits(300.0, 10, 320.0)
+    assert next_epoch_fits(300.0, 10, 330.0)
+    assert next_epoch_fits(0.0, 0, 1.0)  # nothing timed yet: try one epoch

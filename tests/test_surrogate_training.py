@@ -15,13 +15,7 @@ from matcouple.surrogate.atom_features import atom_feature_table
 from matcouple.surrogate.data import load_graphs
 from matcouple.surrogate.model import Crysformer, CrysformerConfig
 from matcouple.surrogate.predict import SurrogatePredictor
-from matcouple.surrogate.train import (
-    TrainConfig,
-    _init_from,
-    export_model,
-    next_epoch_fits,
-    train,
-)
+from matcouple.surrogate.train import TrainConfig, _init_from, export_model, train
 
 CI = get_settings().data_dir / get_settings().datasets["mp2018-ci"]
 pytestmark = pytest.mark.skipif(not CI.exists(), reason="data sets not present")
@@ -182,11 +176,3 @@ def test_model_card_calibrates_each_mode_with_and_without_a_value_model(tmp_path
     point = value_only.member_outputs(graphs)[0][0]
     assert card["val_mae"]["value+ensemble2"]["formation_energy_per_atom"] == pytest.approx(
         float(np.nanmean(np.abs(point[:, 0] - truth[:, 0]))), rel=1e-5)
-
-
-def test_chunk_budget_times_epochs_of_this_chunk_only() -> None:
-    """A resumed run (say 40 epochs behind it) must not count earlier chunks' epochs when it
-    estimates how long the next one takes: 10 epochs in 300 s leave no room in 320 s."""
-    assert not next_epoch_fits(300.0, 10, 320.0)
-    assert next_epoch_fits(300.0, 10, 330.0)
-    assert next_epoch_fits(0.0, 0, 1.0)  # nothing timed yet: try one epoch
