@@ -70,7 +70,6 @@ class _XPath:
 class _XType:
     """An output type computed X first: P applied to each path's input, then one GEMM."""
 
-    index: int
     dim: int
     mul: int
     paths: list[_XPath]
@@ -147,7 +146,7 @@ class FusedTPLinear:
         blocks = [_InputBlock(sl, mul, ir.dim, [], torch.zeros(0))
                   for (mul, ir), sl in zip(tp.irreps_in1, tp.irreps_in1.slices(), strict=True)]
         x_first = set() if self.shared else _x_first_types(tp, out_irreps)
-        x_types = {t: _XType(t, out_irreps[t].ir.dim, out_irreps[t].mul, [], torch.zeros(0))
+        x_types = {t: _XType(out_irreps[t].ir.dim, out_irreps[t].mul, [], torch.zeros(0))
                    for t in sorted(x_first)}
         x_mats: dict[int, list[torch.Tensor]] = {t: [] for t in x_first}
         x_cgs: list[torch.Tensor] = []
