@@ -91,9 +91,9 @@ def test_graph_spec_is_respected(skewed):
 def test_fused_tensor_products_match_e3nn():
     """The inference path of a TP + Linear equals e3nn's, for shared weights (values) and
     per-edge weights (messages, both contraction orders), and follows in-place weight
-    updates (fine-tuning). Float64; the tolerance is e3nn's float32-rounded Clebsch-Gordan
-    constants, where e3nn itself uses exact 1/sqrt(2l+1) in some paths (a wrong path would
-    be off by O(1))."""
+    updates (fine-tuning). Float64, to rounding: the fused path copies e3nn's constants
+    (its float32-rounded Wigner 3j buffers, its exact 1/sqrt(2l+1) in the l = 0 paths); a
+    wrong path would be off by O(1)."""
     from e3nn import o3
 
     from matcouple.surrogate.fused import FusedTPLinear
@@ -112,16 +112,16 @@ def test_fused_tensor_products_match_e3nn():
     with torch.no_grad():
         for _ in range(2):
             torch.testing.assert_close(values(mu, sh), block.lin_val(block.tp_val(mu, sh)),
-                                       rtol=1e-6, atol=1e-7)
+                                       rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(messages(x, sh, w),
                                        block.lin_f(block.tp_msg(x, sh, w)),
-                                       rtol=1e-6, atol=1e-7)
+                                       rtol=1e-10, atol=1e-12)
             block.tp_val.weight.mul_(1.5)  # an optimizer step: the fused path must follow
             block.lin_val.weight.add_(0.1)
     # the messages mix both contraction orders (X first for l <= 1 here, Q first for l = 2),
     # so both are checked above; the values keep Q first throughout
-    assert 0 < len(messages._x_types) < len(messages._types)
-    assert not values._x_types
+    assert 0 < len(messages.plan().x_types) < len(messages.plan().types)
+    assert not values.plan().x_types
 
 
 def test_fused_model_matches_the_e3nn_reference(tiny_model, skewed):
@@ -134,4 +134,56 @@ def test_fused_model_matches_the_e3nn_reference(tiny_model, skewed):
         reference = torch.cat([predict(tiny_model.set_fused(False), s) for s in batch])
     finally:
         tiny_model.set_fused(False)
-    torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fused, reference, rtol=1e-9, atol=1e-10)
+
+
+def _batch(structures: list[Structure]) -> tuple:
+    """Model inputs of several crystals in one batch (float64 edge vectors)."""
+    graphs = [structure_to_graph(s) for s in structures]
+    offsets = np.cumsum([0] + [len(g["z"]) for g in graphs[:-1]])
+    return (torch.cat([g["z"] for g in graphs]),
+            torch.cat([g["edge_index"] + int(o) for g, o in zip(graphs, offsets, strict=True)],
+                      dim=1),
+            torch.cat([g["edge_vec"] for g in graphs]).double(),
+            torch.cat([torch.full((len(g["z"]),), i) for i, g in enumerate(graphs)]),
+            len(graphs))
+
+
+def test_fused_training_path_matches_e3nn_forward_and_gradients(skewed):
+    """Training mode of the fused path (autograd, matrices gathered from the parameters
+    every call): same output and same gradients for every parameter (and the edge
+    vectors) as e3nn, in float64; still after optimizer steps, and the no-grad cache built
+    before a step follows it. The e3nn modules keep owning the parameters."""
+    torch.manual_seed(2)
+    model = Crysformer(TINY, torch.from_numpy(atom_feature_table())).double().train()
+    names = list(model.state_dict())
+    z, edge_index, edge_vec, batch, n = _batch([skewed, skewed * (1, 2, 1), Structure(
+        Lattice.cubic(4.2), ["Mg", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])])
+    weights = torch.randn(n, len(TINY.targets), dtype=torch.float64)
+
+    def run(fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        model.set_fused(fused, training=fused)
+        model.zero_grad(set_to_none=True)
+        vec = edge_vec.clone().requires_grad_(True)
+        out = model(z, edge_index, vec, batch, n)
+        (out * weights).sum().backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        return out.detach(), grads, vec.grad
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    try:
+        for _ in range(3):
+            with torch.no_grad():  # the inference cache, built before this step's update
+                cached = model.set_fused(True, training=True)(z, edge_index, edge_vec, batch, n)
+            ref_out, ref_grads, ref_vec = run(False)
+            out, grads, vec = run(True)
+            torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-9)
+            torch.testing.assert_close(cached, ref_out, rtol=0, atol=1e-9)
+            torch.testing.assert_close(vec, ref_vec, rtol=1e-7, atol=1e-8)
+            assert set(grads) == set(ref_grads)
+            for k, g in grads.items():
+                torch.testing.assert_close(g, ref_grads[k], rtol=1e-7, atol=1e-8, msg=k)
+            opt.step()  # moves every parameter in place
+    finally:
+        model.set_fused(False)
+    assert list(model.state_dict()) == names

@@ -1,4 +1,4 @@
-"""Inference path of Crysformer's edge tensor products: TP + the Linear after it as GEMMs.
+"""Fused path of Crysformer's edge tensor products: TP + the Linear after it as GEMMs.
 
 e3nn evaluates a depthwise ("uvu") tensor product instruction by instruction, each as an
 einsum with its own outer product, reshapes and copies (about 100 small kernels per call,
@@ -6,8 +6,15 @@ memory-bound on a CPU), and ``o3.Linear`` adds as many again. Here the product o
 input block with all spherical-harmonic components is one outer product and one GEMM
 against a constant Clebsch-Gordan matrix, and the Linear that follows is one matmul per
 output irrep. The constants are derived from the e3nn modules themselves (the Linear by
-probing it with the identity) and rebuilt whenever their parameters change, so the
-result is the e3nn result up to float rounding and training code never sees this path.
+reading its weights) so the result is the e3nn result up to float rounding.
+
+Two modes. Without autograd (inference) the matrices are cached and rebuilt only when a
+parameter changes. With autograd and parameters that require grad (training) the
+parameter-dependent part -- the Linear's weights (times the shared TP weights for the
+values) gathered into the per-path matrices -- is recomputed every call by a couple of
+gathers, so gradients reach the e3nn modules' own parameters (they stay the owners: state
+dicts are unchanged). The parameter-independent part (Clebsch-Gordan/SH contraction
+matrices, index structure) is built once per device and dtype in either mode.
 
 Two contraction orders exist for each output irrep type. "Q first" multiplies the input by
 the Linear's rows, then contracts with P = SH @ CG: its per-edge intermediate has (sum of
@@ -20,6 +27,7 @@ Q first, whose one GEMM per input block covers all its paths (as fast or faster 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,10 +38,10 @@ from e3nn import o3
 class _Path:
     """One TP instruction followed by its part of the Linear."""
 
-    w_cols: slice         # its per-edge weights
-    out_type: int         # index into the output irrep types
-    matrix: torch.Tensor  # (mul, mul out): its rows of the Linear (x shared TP weights)
-    q_cols: slice         # its columns in the block's product with all its matrices
+    w_cols: slice  # its per-edge weights
+    out_type: int  # index into the output irrep types
+    matrix: int    # per-edge weights: its (mul, mul out) Linear rows, index into the matrices
+    q_cols: slice  # its columns in the block's product with all its matrices
 
 
 @dataclass
@@ -44,7 +52,7 @@ class _InputBlock:
     mul: int
     dim: int
     paths: list[_Path]
-    matrix: torch.Tensor  # (mul, sum of mul out): the paths' matrices side by side
+    matrix: int = -1  # shared weights: (mul, sum of mul out), the paths' matrices side by side
 
 
 @dataclass
@@ -73,7 +81,28 @@ class _XType:
     dim: int
     mul: int
     paths: list[_XPath]
-    matrix: torch.Tensor  # (sum of the paths' input channels, mul): Linear rows stacked
+    matrix: int = -1  # (sum of the paths' input channels, mul): Linear rows stacked
+
+
+@dataclass
+class _Plan:
+    """Everything that does not depend on the parameters, for one device and dtype.
+
+    The parameter-dependent matrices lie one after another in a flat vector gathered from
+    the Linear's weight: ``flat = lin.weight[lin_src] * coef`` (``* tp.weight[tp_src]``
+    for shared TP weights), split into ``shapes``."""
+
+    in_blocks: list[_InputBlock]
+    types: list[_OutputType]
+    x_types: dict[int, _XType]
+    cg: torch.Tensor
+    cg_x: torch.Tensor | None
+    shapes: list[tuple[int, int]]
+    lin_src: torch.Tensor          # (total,) int64 into lin.weight
+    coef: torch.Tensor             # (total,) the Linear's path weights, 0 where unconnected
+    tp_src: torch.Tensor | None    # (total,) int64 into tp.weight (shared weights only)
+    bias_src: torch.Tensor | None  # (out dim,) int64 into lin.bias
+    bias_coef: torch.Tensor | None  # (out dim,) 1 where a bias applies, else 0
 
 
 def _check_supported(tp: o3.TensorProduct, lin: o3.Linear) -> None:
@@ -83,19 +112,77 @@ def _check_supported(tp: o3.TensorProduct, lin: o3.Linear) -> None:
         raise ValueError("fused TP supports weighted 'uvu' instructions only")
     if lin.irreps_in.dim != tp.irreps_out.dim:
         raise ValueError("the Linear must read the tensor product's output")
+    if not lin.internal_weights or lin.weight.dim() != 1:
+        raise ValueError("fused TP needs a Linear with its own (internal) weights")
     out = lin.irreps_out.simplify()
     if len({ir for _, ir in out}) != len(out):
         raise ValueError("fused TP needs one Linear output block per irrep type")
 
 
-def _linear_matrix(lin: o3.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dense matrix (in, out), bias (out,)) of an o3.Linear, read off by probing it."""
-    like = {"device": lin.weight.device, "dtype": lin.weight.dtype}
-    eye = torch.eye(lin.irreps_in.dim, **like)
-    zero = torch.zeros(1, lin.irreps_in.dim, **like)
-    with torch.no_grad():
-        bias = lin(zero)[0]
-        return lin(eye) - bias, bias
+def _channel_offsets(irreps: o3.Irreps) -> list[int]:
+    """First channel (not component) of each block: channels counted over all blocks."""
+    return torch.tensor([0] + [mul for mul, _ in irreps]).cumsum(0).tolist()
+
+
+def _linear_channels(lin: o3.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input channel, output channel) -> index into ``lin.weight`` and the path weight (0
+    where no instruction connects them). The Linear applies this channel matrix to every
+    irrep component alike, so it is all of the Linear (read off its instructions, in the
+    order e3nn lays out the flat weight)."""
+    ch_in, ch_out = _channel_offsets(lin.irreps_in), _channel_offsets(lin.irreps_out)
+    shape = (lin.irreps_in.num_irreps, lin.irreps_out.num_irreps)
+    src = torch.zeros(shape, dtype=torch.long)
+    coef = torch.zeros(shape, dtype=torch.float64)
+    taken = torch.zeros(shape, dtype=torch.bool)
+    offset = 0
+    for ins in lin.instructions:
+        if ins.i_in == -1:  # a bias
+            continue
+        mul_in, mul_out = ins.path_shape
+        rows = slice(ch_in[ins.i_in], ch_in[ins.i_in] + mul_in)
+        cols = slice(ch_out[ins.i_out], ch_out[ins.i_out] + mul_out)
+        if taken[rows, cols].any():
+            raise ValueError("fused TP needs at most one Linear instruction per block pair")
+        src[rows, cols] = offset + torch.arange(mul_in * mul_out).view(mul_in, mul_out)
+        coef[rows, cols] = ins.path_weight
+        taken[rows, cols] = True
+        offset += mul_in * mul_out
+    return src, coef
+
+
+def _linear_bias(lin: o3.Linear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(index into ``lin.bias``, coefficient) per output component, or None without bias."""
+    if not lin.bias_numel:
+        return None
+    src = torch.zeros(lin.irreps_out.dim, dtype=torch.long)
+    coef = torch.zeros(lin.irreps_out.dim, dtype=torch.float64)
+    slices, offset = lin.irreps_out.slices(), 0
+    for ins in lin.instructions:
+        if ins.i_in == -1:
+            sl = slices[ins.i_out]
+            src[sl] = offset + torch.arange(sl.stop - sl.start)
+            coef[sl] = ins.path_weight
+            offset += sl.stop - sl.start
+    return src, coef
+
+
+def _tp_cg(tp: o3.TensorProduct, l1: int, l2: int, l3: int) -> torch.Tensor:
+    """(2 l1 + 1, 2 l2 + 1, 2 l3 + 1) coupling constants, float64, exactly as e3nn applies
+    them: its specialised code for a path with an l = 0 member uses Kronecker deltas over
+    sqrt(dim) in the data's dtype, the others its stored (usually float32-rounded) Wigner 3j
+    buffer; copying both lets float64 runs agree with e3nn to rounding."""
+    d1, d2, d3 = 2 * l1 + 1, 2 * l2 + 1, 2 * l3 + 1
+    if getattr(tp, "_specialized_code", True) and 0 in (l1, l2, l3):
+        if l1 == 0:
+            return torch.eye(d3, dtype=torch.float64)[None] / math.sqrt(d3)
+        if l2 == 0:
+            return torch.eye(d3, dtype=torch.float64)[:, None] / math.sqrt(d3)
+        return torch.eye(d1, dtype=torch.float64)[:, :, None] / math.sqrt(d1)
+    stored = getattr(getattr(tp, "_compiled_main_left_right", None), f"_w3j_{l1}_{l2}_{l3}",
+                     None)
+    if isinstance(stored, torch.Tensor) and stored.shape == (d1, d2, d3):
+        return stored.detach().to("cpu", torch.float64)
+    return o3.wigner_3j(l1, l2, l3).to(torch.float64)  # default dtype, as e3nn stores it
 
 
 def _x_first_types(tp: o3.TensorProduct, out_irreps: o3.Irreps) -> set[int]:
@@ -112,13 +199,26 @@ def _x_first_types(tp: o3.TensorProduct, out_irreps: o3.Irreps) -> set[int]:
     return {t for t in range(len(out_irreps)) if x_size[t] < q_size[t]}
 
 
+_Gather = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # lin index, coef, tp index
+
+
+def _cat_gathers(parts: list[_Gather], dim: int) -> _Gather:
+    src, coef, tsrc = zip(*parts, strict=True)
+    return (torch.cat(src, dim), torch.cat(coef, dim),
+            None if tsrc[0] is None else torch.cat(tsrc, dim))
+
+
 class FusedTPLinear:
     """``lin(tp(x, sh, weight))`` for a depthwise TP whose second input is SH.
 
     Per edge, output type t: f_t[m, w] = sum over paths and a of P[m, a] Q[a, w], with
     Q = x (components a, channels u) @ Linear rows (x weights) -- one GEMM per input
     block -- and P = SH contracted with the path's CG matrix; the sum is one batched
-    matmul per output type. Nothing of size (edges x TP output) is ever formed."""
+    matmul per output type. Nothing of size (edges x TP output) is ever formed.
+
+    Differentiable: with autograd on and parameters that require grad, the Linear rows
+    are gathered from the parameters on every call (training); otherwise they are cached
+    and rebuilt when a parameter changes (inference)."""
 
     def __init__(self, tp: o3.TensorProduct, lin: o3.Linear) -> None:
         # A plain object, not a Module: the e3nn modules stay the only owners of the
@@ -126,29 +226,46 @@ class FusedTPLinear:
         _check_supported(tp, lin)
         self.tp, self.lin = tp, lin
         self.shared = tp.internal_weights
+        self._plans: dict[tuple[torch.device, torch.dtype], _Plan] = {}
         self._version: tuple | None = None
+        self._cached: tuple[list[torch.Tensor], torch.Tensor | None] | None = None
+
+    def _parameters(self) -> list[torch.Tensor]:
+        return [*self.tp.parameters(), *self.lin.parameters()]
 
     def _source_version(self) -> tuple:
         """Changes with any in-place update (optimizer step, load_state_dict) and with
         any move or cast of the parameters (``.to``, ``.double()``)."""
-        params = [*self.tp.parameters(), *self.lin.parameters()]
-        return tuple((id(p), p.data_ptr(), p.dtype, p._version) for p in params)
+        return tuple((id(p), p.data_ptr(), p.dtype, p._version) for p in self._parameters())
 
-    def _build(self) -> None:
-        """Constant matrices from the current e3nn modules (cheap; on parameter change)."""
+    def plan(self) -> _Plan:
+        """The parameter-independent part for the parameters' current device and dtype
+        (built once per device and dtype)."""
+        key = (self.lin.weight.device, self.lin.weight.dtype)
+        if key not in self._plans:
+            # ordinary tensors even when first called under inference_mode: training may
+            # later save them for backward
+            with torch.inference_mode(False), torch.no_grad():
+                self._plans[key] = self._build_plan(*key)
+        return self._plans[key]
+
+    def _build_plan(self, device: torch.device, dtype: torch.dtype) -> _Plan:
+        """Constant matrices and the gather indices of the Linear rows of every path."""
         tp, lin = self.tp, self.lin
         sh_dim, sh_offsets = tp.irreps_in2.dim, [sl.start for sl in tp.irreps_in2.slices()]
-        tp_slices = tp.irreps_out.slices()
-        dense, bias = _linear_matrix(lin)
+        lin_src, lin_coef = _linear_channels(lin)
+        tp_ch = _channel_offsets(tp.irreps_out)  # = lin.irreps_in's channels (simplified)
         out_irreps = lin.irreps_out.simplify()
-        out_slices = out_irreps.slices()
+        out_ch = _channel_offsets(out_irreps)
         types = {ir: t for t, (_, ir) in enumerate(out_irreps)}
-        blocks = [_InputBlock(sl, mul, ir.dim, [], torch.zeros(0))
+        blocks = [_InputBlock(sl, mul, ir.dim, [])
                   for (mul, ir), sl in zip(tp.irreps_in1, tp.irreps_in1.slices(), strict=True)]
         x_first = set() if self.shared else _x_first_types(tp, out_irreps)
-        x_types = {t: _XType(out_irreps[t].ir.dim, out_irreps[t].mul, [], torch.zeros(0))
+        x_types = {t: _XType(out_irreps[t].ir.dim, out_irreps[t].mul, [])
                    for t in sorted(x_first)}
-        x_mats: dict[int, list[torch.Tensor]] = {t: [] for t in x_first}
+        x_parts: dict[int, list[_Gather]] = {t: [] for t in x_first}
+        block_parts: dict[int, list[_Gather]] = {}
+        mats: list[_Gather] = []
         x_cgs: list[torch.Tensor] = []
         cgs: list[list[torch.Tensor]] = [[] for _ in out_irreps]
         w_offsets = torch.tensor([0] + [ins.path_shape[0] * ins.path_shape[1]
@@ -164,79 +281,118 @@ class FusedTPLinear:
             # P[e, k, a] = sum_b sh[e, b] * path_weight * C[a, b, k]
             cg = torch.zeros(sh_dim, ir_out.dim, ir_in.dim, dtype=torch.float64)
             j0 = sh_offsets[ins.i_in2]
-            # wigner_3j in the default dtype, as e3nn stores it (same constants)
-            w3j = o3.wigner_3j(ir_in.l, l2, ir_out.l).to(torch.float64)
+            w3j = _tp_cg(tp, ir_in.l, l2, ir_out.l)
             cg[j0:j0 + 2 * l2 + 1] = ins.path_weight * w3j.permute(1, 2, 0)
-            # channel u, component 0 of this TP output -> channel w, component 0
-            isl, osl = tp_slices[ins.i_out], out_slices[t]
-            m = dense[isl.start:isl.stop:ir_out.dim, osl.start:osl.stop:ir_out.dim]
+            # channel u of this TP output -> channel w of output type t
+            rows = slice(tp_ch[ins.i_out], tp_ch[ins.i_out] + mul)
+            cols = slice(out_ch[t], out_ch[t + 1])
+            tsrc = None
             if self.shared:  # constant weights: fold them into the Linear
-                m = tp.weight.detach()[w_col:w_col + mul, None] * m
+                tsrc = (w_col + torch.arange(mul))[:, None].expand(mul, cols.stop - cols.start)
+            gather = (lin_src[rows, cols], lin_coef[rows, cols], tsrc)
             if t in x_first:
                 col = sum(c.shape[1] for c in x_cgs)
                 x_cgs.append(cg.reshape(sh_dim, -1))
                 x_types[t].paths.append(_XPath(blocks[ins.i_in1].x, mul, ir_in.dim,
                                                slice(w_col, w_col + mul),
                                                slice(col, col + x_cgs[-1].shape[1])))
-                x_mats[t].append(m)
+                x_parts[t].append(gather)
                 continue
             blk = blocks[ins.i_in1]
-            q0 = sum(path.matrix.shape[1] for path in blk.paths)
+            q0 = sum(path.q_cols.stop - path.q_cols.start for path in blk.paths)
             cgs[t].append(cg)
-            blk.paths.append(_Path(slice(w_col, w_col + mul), t, m.contiguous(),
-                                   slice(q0, q0 + m.shape[1])))
-        for blk in blocks:
-            if blk.paths:
-                blk.matrix = torch.cat([path.matrix for path in blk.paths], dim=1)
-        self._in_blocks = [blk for blk in blocks if blk.paths]
+            if self.shared:
+                block_parts.setdefault(ins.i_in1, []).append(gather)
+            else:
+                mats.append(gather)
+            blk.paths.append(_Path(slice(w_col, w_col + mul), t,
+                                   -1 if self.shared else len(mats) - 1,
+                                   slice(q0, q0 + cols.stop - cols.start)))
+        for i, parts in block_parts.items():
+            mats.append(_cat_gathers(parts, 1))
+            blocks[i].matrix = len(mats) - 1
+        for t, xt in x_types.items():
+            mats.append(_cat_gathers(x_parts[t], 0))
+            xt.matrix = len(mats) - 1
         if any(not c for t, c in enumerate(cgs) if t not in x_first) or \
                 any(not xt.paths for xt in x_types.values()):
             raise ValueError("every Linear output type must be reached by a TP path")
         # P's columns per Q-first type: (dim, rows), rows = (path, component in) as in Q
-        mats = [torch.cat(c, dim=2).reshape(sh_dim, -1) if c else
-                torch.zeros(sh_dim, 0, dtype=torch.float64) for c in cgs]
-        bounds = torch.tensor([0] + [m.shape[1] for m in mats]).cumsum(0).tolist()
-        self._types = [_OutputType(ir.dim, slice(bounds[t], bounds[t + 1]))
-                       for t, (_, ir) in enumerate(out_irreps)]
-        self._cg = torch.cat(mats, dim=1).to(dense)
-        for t, xt in x_types.items():
-            xt.matrix = torch.cat(x_mats[t], dim=0).contiguous().to(dense)
-        self._x_types = x_types
-        self._cg_x = torch.cat(x_cgs, dim=1).to(dense) if x_cgs else None
-        self._bias = bias if bias.abs().max() > 0 else None
-        self._version = self._source_version()
+        cg_mats = [torch.cat(c, dim=2).reshape(sh_dim, -1) if c else
+                   torch.zeros(sh_dim, 0, dtype=torch.float64) for c in cgs]
+        bounds = torch.tensor([0] + [m.shape[1] for m in cg_mats]).cumsum(0).tolist()
+        like = {"device": device, "dtype": dtype}
+        src, coef, tsrc = _cat_gathers([(s.reshape(-1), c.reshape(-1),
+                                         None if ts is None else ts.reshape(-1))
+                                        for s, c, ts in mats], 0)
+        bias = _linear_bias(lin)
+        return _Plan(
+            in_blocks=[blk for blk in blocks if blk.paths],
+            types=[_OutputType(ir.dim, slice(bounds[t], bounds[t + 1]))
+                   for t, (_, ir) in enumerate(out_irreps)],
+            x_types=x_types,
+            cg=torch.cat(cg_mats, dim=1).to(**like),
+            cg_x=torch.cat(x_cgs, dim=1).to(**like) if x_cgs else None,
+            shapes=[tuple(s.shape) for s, _, _ in mats],
+            lin_src=src.to(device), coef=coef.to(**like),
+            tp_src=None if tsrc is None else tsrc.to(device),
+            bias_src=None if bias is None else bias[0].to(device),
+            bias_coef=None if bias is None else bias[1].to(**like))
+
+    def _matrices(self, plan: _Plan) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The parameter-dependent matrices: one gather (two with shared TP weights),
+        differentiable with respect to the e3nn modules' parameters."""
+        flat = self.lin.weight[plan.lin_src] * plan.coef
+        if plan.tp_src is not None:
+            flat = flat * self.tp.weight[plan.tp_src]
+        chunks = flat.split([a * b for a, b in plan.shapes])
+        mats = [m.view(shape) for m, shape in zip(chunks, plan.shapes, strict=True)]
+        bias = None if plan.bias_src is None else self.lin.bias[plan.bias_src] * plan.bias_coef
+        return mats, bias
+
+    def _current(self, plan: _Plan) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Recomputed with autograd when training, else cached until a parameter changes."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self._parameters()):
+            return self._matrices(plan)
+        version = self._source_version()
+        if self._cached is None or self._version != version:
+            with torch.no_grad():
+                self._cached = self._matrices(plan)
+            self._version = version
+        return self._cached
 
     def __call__(self, x: torch.Tensor, sh: torch.Tensor,
-                weight: torch.Tensor | None = None) -> torch.Tensor:
-        if self._version != self._source_version():
-            self._build()
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+        plan = self.plan()
+        mats, bias = self._current(plan)
         n = x.shape[0]
-        p = sh @ self._cg
-        parts: list[list[torch.Tensor]] = [[] for _ in self._types]
-        for blk in self._in_blocks:
+        p = sh @ plan.cg
+        parts: list[list[torch.Tensor]] = [[] for _ in plan.types]
+        for blk in plan.in_blocks:
             xt = x[:, blk.x].view(n, blk.mul, blk.dim).transpose(1, 2)
             if self.shared:  # one GEMM for all paths of the block
-                q = (xt.reshape(n * blk.dim, blk.mul) @ blk.matrix).view(n, blk.dim, -1)
+                q = (xt.reshape(n * blk.dim, blk.mul) @ mats[blk.matrix]).view(n, blk.dim, -1)
             for path in blk.paths:
                 if self.shared:
                     parts[path.out_type].append(q[:, :, path.q_cols])
                 else:
                     xw = (xt * weight[:, path.w_cols].unsqueeze(1)).reshape(n * blk.dim, -1)
-                    parts[path.out_type].append((xw @ path.matrix).view(n, blk.dim, -1))
-        px = None if self._cg_x is None else sh @ self._cg_x
+                    parts[path.out_type].append((xw @ mats[path.matrix]).view(n, blk.dim, -1))
+        px = None if plan.cg_x is None else sh @ plan.cg_x
         out = []
-        for k, (t, qs) in enumerate(zip(self._types, parts, strict=True)):
-            if k in self._x_types:
-                f = self._x_first(self._x_types[k], x, px, weight)
+        for k, (t, qs) in enumerate(zip(plan.types, parts, strict=True)):
+            if k in plan.x_types:
+                xt = plan.x_types[k]
+                f = self._x_first(xt, mats[xt.matrix], x, px, weight)
             else:
                 # (n, dim, rows) @ (n, rows, mul): all paths into this type in one product
                 f = torch.bmm(p[:, t.p_cols].view(n, t.dim, -1), torch.cat(qs, dim=1))
             out.append(f.view(n, -1) if t.dim == 1 else f.transpose(1, 2).reshape(n, -1))
         result = torch.cat(out, dim=1)
-        return result if self._bias is None else result + self._bias
+        return result if bias is None else result + bias
 
     @staticmethod
-    def _x_first(xt: _XType, x: torch.Tensor, px: torch.Tensor,
+    def _x_first(xt: _XType, matrix: torch.Tensor, x: torch.Tensor, px: torch.Tensor,
                  weight: torch.Tensor | None) -> torch.Tensor:
         """(n, dim, mul) of one X-first type: each path's input contracted with its P
         block (and scaled by its per-edge weights), side by side, times the Linear rows."""
@@ -250,4 +406,4 @@ class FusedTPLinear:
                 y = y * weight[:, path.w_cols].unsqueeze(1)
             ys.append(y)
         y = torch.cat(ys, dim=2) if len(ys) > 1 else ys[0]
-        return (y.reshape(n * xt.dim, -1) @ xt.matrix).view(n, xt.dim, xt.mul)
+        return (y.reshape(n * xt.dim, -1) @ matrix).view(n, xt.dim, xt.mul)

@@ -50,6 +50,9 @@ class TrainConfig:
     seed: int = 0
     limit_train: int | None = None
     amp: bool = False
+    # Fused message/value tensor products (matcouple/surrogate/fused.py) in training too:
+    # same math as e3nn's modules, fewer kernels; the parameters stay e3nn's.
+    fused_tp: bool = False
     model: dict = field(default_factory=dict)
     graph: dict = field(default_factory=dict)
     # Data-parallel: batch_size is per GPU; lr is scaled for the global batch by this rule.
@@ -205,7 +208,7 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
     else:
         mean, std = ys.mean(0), ys.std(0).clamp_min(1e-6)
     table = torch.from_numpy(atom_feature_table())
-    model = Crysformer(model_cfg, table).to(dev)
+    model = Crysformer(model_cfg, table).to(dev).set_fused(cfg.fused_tp, training=cfg.fused_tp)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     sampler = GlobalBatchSampler(len(train_set.graphs), cfg.batch_size, gen, ctx.rank,
@@ -366,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--amp", action="store_true")
+    p.add_argument("--fused-tp", action="store_true",
+                   help="fused tensor products in training too (same math, faster on GPU)")
     p.add_argument("--device", default=None)
     p.add_argument("--init-from", type=Path, default=None)
     p.add_argument("--cache-dir", type=Path, default=get_settings().graph_cache_dir)
@@ -378,7 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(data=a.data, targets=tuple(a.targets.split(",")),
                       split_column=a.split_column, train_split=a.train_split,
                       val_split=a.val_split, epochs=a.epochs, batch_size=a.batch_size,
-                      lr=a.lr, seed=a.seed, limit_train=a.limit_train, amp=a.amp, model=model)
+                      lr=a.lr, seed=a.seed, limit_train=a.limit_train, amp=a.amp, model=model,
+                      fused_tp=a.fused_tp)
     train(cfg, a.out, minutes=a.minutes, device=a.device, init_from=a.init_from,
           cache_dir=a.cache_dir, workers=a.workers, progress=not a.quiet)
     if a.export:
