@@ -42,6 +42,17 @@ def test_resume_is_seamless_and_seeded(tmp_path):
     assert full["history"][-1]["train_loss"] < full["history"][0]["train_loss"]
 
 
+def test_resume_may_switch_to_fused_tensor_products(tmp_path):
+    """Fused TPs are a speed choice, not a model choice: a run resumed with them on takes
+    the same steps as the e3nn run (float32 rounding apart) and records the switch."""
+    full = train(_cfg(), tmp_path / "a.pt", progress=False, workers=1)
+    train(_cfg(), tmp_path / "b.pt", progress=False, workers=1, chunk_epochs=2)
+    resumed = train(_cfg(fused_tp=True), tmp_path / "b.pt", progress=False, workers=1)
+    assert resumed["train_config"]["fused_tp"] is True
+    assert [h["train_loss"] for h in full["history"]] == pytest.approx(
+        [h["train_loss"] for h in resumed["history"]], rel=1e-4)
+
+
 def test_export_and_predict_with_two_members(tmp_path, silicon):
     for seed in (1, 2):
         train(_cfg(seed=seed, epochs=1), tmp_path / f"c{seed}.pt", progress=False, workers=1)

@@ -184,9 +184,10 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
             raise MatcoupleError(f"{out} is not a Crysformer training checkpoint")
         saved = state["train_config"]
         # The data file may have moved (another machine): the caller's path is used and
-        # checked against the saved content hash below.
+        # checked against the saved content hash below. Fused tensor products are the same
+        # math, only a speed choice for this machine: the caller's choice holds too.
         cfg = replace(cfg, **{k: (tuple(v) if k == "targets" else v) for k, v in saved.items()
-                              if k not in ("epochs", "data")})
+                              if k not in ("epochs", "data", "fused_tp")})
         if state.get("data_hash") and state["data_hash"] != table_hash(Path(cfg.data)):
             raise MatcoupleError(f"{cfg.data} is not the data set {out} was trained on "
                                  "(content hash differs)")
