@@ -45,8 +45,8 @@ def test_resume_is_seamless_and_seeded(tmp_path):
 def test_resume_may_switch_to_fused_tensor_products(tmp_path):
     """Fused TPs are a speed choice, not a model choice: a run resumed with them on takes
     the same steps as the e3nn run (float32 rounding apart) and records the switch."""
-    full = train(_cfg(), tmp_path / "a.pt", progress=False, workers=1)
-    train(_cfg(), tmp_path / "b.pt", progress=False, workers=1, chunk_epochs=2)
+    full = train(_cfg(fused_tp=False), tmp_path / "a.pt", progress=False, workers=1)
+    train(_cfg(fused_tp=False), tmp_path / "b.pt", progress=False, workers=1, chunk_epochs=2)
     resumed = train(_cfg(fused_tp=True), tmp_path / "b.pt", progress=False, workers=1)
     assert resumed["train_config"]["fused_tp"] is True
     assert [h["train_loss"] for h in full["history"]] == pytest.approx(
@@ -135,10 +135,11 @@ def test_training_defaults_come_from_settings(monkeypatch):
 
     import matcouple.surrogate.train as train_module
 
-    custom = replace(get_settings(), surrogate_train_lr=1.25e-3, surrogate_train_batch_size=48)
+    custom = replace(get_settings(), surrogate_train_lr=1.25e-3, surrogate_train_batch_size=48,
+                     surrogate_train_fused_tp=False)
     monkeypatch.setattr(train_module, "get_settings", lambda: custom)
     cfg = TrainConfig(data=str(CI))
-    assert (cfg.lr, cfg.batch_size) == (1.25e-3, 48)
+    assert (cfg.lr, cfg.batch_size, cfg.fused_tp) == (1.25e-3, 48, False)
 
 
 def test_model_predictions_of_one_exported_model(tmp_path):

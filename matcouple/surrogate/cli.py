@@ -41,8 +41,9 @@ def train_surrogate(
     model: list[str] = typer.Option([], "--model", help="Model hyper-parameter NAME=VALUE "
                                     "(repeat), e.g. --model dropout=0 --model scalars=144; "
                                     "a resumed checkpoint keeps its own."),
-    fused_tp: bool = typer.Option(False, "--fused-tp", help="Fused tensor products in "
-                                  "training too (same math as e3nn, fewer kernels)."),
+    fused_tp: bool | None = typer.Option(None, "--fused-tp/--no-fused-tp", help="Fused "
+                                         "tensor products in training (same math as e3nn, "
+                                         "faster); default: Settings.surrogate_train_fused_tp."),
 ) -> None:
     """Train Crysformer on a labelled table (resumable; checkpoint after every epoch)."""
     from matcouple.settings import get_settings
@@ -58,7 +59,8 @@ def train_surrogate(
             epochs=settings.surrogate_train_epochs if epochs is None else epochs,
             batch_size=settings.surrogate_train_batch_size if batch_size is None else
             batch_size, lr=settings.surrogate_train_lr if lr is None else lr, seed=seed,
-            limit_train=limit_train, model=parse_model_overrides(model), fused_tp=fused_tp)
+            limit_train=limit_train, model=parse_model_overrides(model),
+            fused_tp=settings.surrogate_train_fused_tp if fused_tp is None else fused_tp)
     except MatcoupleError as exc:
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None

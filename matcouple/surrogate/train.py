@@ -52,7 +52,7 @@ class TrainConfig:
     amp: bool = False
     # Fused message/value tensor products (matcouple/surrogate/fused.py) in training too:
     # same math as e3nn's modules, fewer kernels; the parameters stay e3nn's.
-    fused_tp: bool = False
+    fused_tp: bool = field(default_factory=lambda: get_settings().surrogate_train_fused_tp)
     model: dict = field(default_factory=dict)
     graph: dict = field(default_factory=dict)
     # Data-parallel: batch_size is per GPU; lr is scaled for the global batch by this rule.
@@ -370,8 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--amp", action="store_true")
-    p.add_argument("--fused-tp", action="store_true",
-                   help="fused tensor products in training too (same math, faster on GPU)")
+    p.add_argument("--fused-tp", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused tensor products in training (same math as e3nn, faster; "
+                   "default: Settings.surrogate_train_fused_tp)")
     p.add_argument("--device", default=None)
     p.add_argument("--init-from", type=Path, default=None)
     p.add_argument("--cache-dir", type=Path, default=get_settings().graph_cache_dir)
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
                       split_column=a.split_column, train_split=a.train_split,
                       val_split=a.val_split, epochs=a.epochs, batch_size=a.batch_size,
                       lr=a.lr, seed=a.seed, limit_train=a.limit_train, amp=a.amp, model=model,
-                      fused_tp=a.fused_tp)
+                      **({} if a.fused_tp is None else {"fused_tp": a.fused_tp}))
     train(cfg, a.out, minutes=a.minutes, device=a.device, init_from=a.init_from,
           cache_dir=a.cache_dir, workers=a.workers, progress=not a.quiet)
     if a.export:
