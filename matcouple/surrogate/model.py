@@ -252,18 +252,18 @@ class AttentionBlock(nn.Module):
             start += mul * dim
         return torch.cat(out, dim=-1)
 
-    def _use_fused(self, x: torch.Tensor) -> bool:
+    def _use_fused(self) -> bool:
         """Inference fusion without autograd; the training switch with autograd too."""
         return self.fused_training or (self.fused and not torch.is_grad_enabled())
 
     def _values(self, mu: torch.Tensor, sh: torch.Tensor) -> torch.Tensor:
-        if self._use_fused(mu):
+        if self._use_fused():
             return self._fused_val(mu, sh)
         return self.lin_val(self.tp_val(mu, sh))
 
     def _messages(self, x: torch.Tensor, sh: torch.Tensor, weight: torch.Tensor
                   ) -> torch.Tensor:
-        if self._use_fused(x):
+        if self._use_fused():
             return self._fused_msg(x, sh, weight)
         return self.lin_f(self.tp_msg(x, sh, weight))
 

@@ -370,7 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--amp", action="store_true")
-    p.add_argument("--fused-tp", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--fused-tp", action=argparse.BooleanOptionalAction,
+                   default=get_settings().surrogate_train_fused_tp,
                    help="fused tensor products in training (same math as e3nn, faster; "
                    "default: Settings.surrogate_train_fused_tp)")
     p.add_argument("--device", default=None)
@@ -386,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
                       split_column=a.split_column, train_split=a.train_split,
                       val_split=a.val_split, epochs=a.epochs, batch_size=a.batch_size,
                       lr=a.lr, seed=a.seed, limit_train=a.limit_train, amp=a.amp, model=model,
-                      **({} if a.fused_tp is None else {"fused_tp": a.fused_tp}))
+                      fused_tp=a.fused_tp)
     train(cfg, a.out, minutes=a.minutes, device=a.device, init_from=a.init_from,
           cache_dir=a.cache_dir, workers=a.workers, progress=not a.quiet)
     if a.export:
