@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch_geometric.data import Batch
 
 from matcouple.errors import MatcoupleError
 from matcouple.settings import get_settings
@@ -188,3 +189,28 @@ def test_model_card_calibrates_each_mode_with_and_without_a_value_model(tmp_path
     point = value_only.member_outputs(graphs)[0][0]
     assert card["val_mae"]["value+ensemble2"]["formation_energy_per_atom"] == pytest.approx(
         float(np.nanmean(np.abs(point[:, 0] - truth[:, 0]))), rel=1e-5)
+
+
+def test_init_from_a_shallower_model_grows_it_without_changing_its_predictions(tmp_path):
+    train(_cfg(epochs=1), tmp_path / "base.pt", progress=False, workers=1)
+    blob = torch.load(tmp_path / "base.pt", weights_only=True)
+    table = torch.from_numpy(atom_feature_table())
+    base = Crysformer(CrysformerConfig(**TINY), table)
+    base.load_state_dict(blob["best_state_dict"])
+    deeper = Crysformer(CrysformerConfig(**{**TINY, "layers": 3}), table)
+    _init_from(deeper, tmp_path / "base.pt")
+    graphs = load_graphs(CI, ("formation_energy_per_atom", "band_gap"),
+                         split_column="ci_split", split="val", limit=12, workers=1,
+                         progress=False).graphs
+    b = Batch.from_data_list(graphs)
+    args = (b.z, b.edge_index, b.edge_vec, b.batch, b.num_graphs)
+    base.eval()
+    deeper.eval()
+    with torch.no_grad():
+        assert torch.allclose(deeper(*args), base(*args), atol=1e-6)
+    assert float(deeper.blocks[2].lin_out.weight.detach().abs().sum()) == 0.0
+    # training then uses the added blocks: their output projections leave zero
+    grown = train(_cfg(epochs=1, model={**TINY, "layers": 3}), tmp_path / "g.pt",
+                  init_from=tmp_path / "base.pt", progress=False, workers=1)
+    assert grown["model_config"]["layers"] == 3
+    assert float(grown["state_dict"]["blocks.2.lin_out.weight"].abs().sum()) > 0.0

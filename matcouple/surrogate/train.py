@@ -316,7 +316,13 @@ def _plain(d: dict) -> dict:
 
 
 def _init_from(model: Crysformer, path: Path) -> None:
-    """Transfer learning: copy every matching weight, keep new heads for new targets."""
+    """Transfer learning: copy every matching weight, keep new heads for new targets.
+
+    A deeper model than the checkpoint's (``--model layers=N``) grows it: the blocks the
+    checkpoint has are copied and the added ones start as identities (their two residual
+    output projections zeroed), so training starts from the checkpoint's predictions
+    instead of from a perturbed network, and the new blocks learn what is left.
+    """
     blob = torch.load(path, weights_only=True, map_location="cpu")
     source = blob.get("best_state_dict") or blob["state_dict"]
     own = model.state_dict()
@@ -325,6 +331,11 @@ def _init_from(model: Crysformer, path: Path) -> None:
             model.cfg.targets):
         copied = {k: v for k, v in copied.items() if not k.startswith("head.3.")}
     model.load_state_dict(copied, strict=False)
+    have = int(blob["model_config"].get("layers", len(model.blocks)))
+    with torch.no_grad():
+        for block in list(model.blocks)[have:]:
+            block.lin_out.weight.zero_()
+            block.ffn_out.weight.zero_()
 
 
 def export_model(checkpoint: Path, out: Path, extra: dict | None = None) -> dict:
