@@ -73,6 +73,10 @@ class Settings:
     # --no-fused-tp) trains through e3nn's modules.
     surrogate_train_fused_tp: bool = field(default_factory=lambda: os.environ.get(
         "MATCOUPLE_TRAIN_FUSED_TP", "1") == "1")
+    # Exponential moving average of the weights in training (0 = off): the average is what
+    # is evaluated each epoch, kept as the best and exported; the last step's weights are
+    # evaluated beside it (history: val_raw_mae_*). --ema DECAY per run.
+    surrogate_train_ema_decay: float = 0.0
     # Structures per forward pass at prediction. On a CPU small batches keep the per-edge
     # tensors in cache (2-core EPYC: batch 16 is 2x faster per structure than 256).
     predict_batch_size_cpu: int = 16

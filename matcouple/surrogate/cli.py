@@ -44,6 +44,10 @@ def train_surrogate(
     fused_tp: bool | None = typer.Option(None, "--fused-tp/--no-fused-tp", help="Fused "
                                          "tensor products in training (same math as e3nn, "
                                          "faster); default: Settings.surrogate_train_fused_tp."),
+    ema: float | None = typer.Option(None, help="EMA decay of the weights, e.g. 0.999 (0: "
+                                     "off): the average is evaluated each epoch, kept as "
+                                     "the best and exported; default: Settings."
+                                     "surrogate_train_ema_decay."),
 ) -> None:
     """Train Crysformer on a labelled table (resumable; checkpoint after every epoch)."""
     from matcouple.settings import get_settings
@@ -60,7 +64,8 @@ def train_surrogate(
             batch_size=settings.surrogate_train_batch_size if batch_size is None else
             batch_size, lr=settings.surrogate_train_lr if lr is None else lr, seed=seed,
             limit_train=limit_train, model=parse_model_overrides(model),
-            fused_tp=settings.surrogate_train_fused_tp if fused_tp is None else fused_tp)
+            fused_tp=settings.surrogate_train_fused_tp if fused_tp is None else fused_tp,
+            ema_decay=settings.surrogate_train_ema_decay if ema is None else ema)
     except MatcoupleError as exc:
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None

@@ -26,6 +26,7 @@ from matcouple.settings import get_settings
 from matcouple.surrogate.atom_features import atom_feature_table
 from matcouple.surrogate.batching import GlobalBatchSampler
 from matcouple.surrogate.data import load_graphs, table_hash
+from matcouple.surrogate.ema import WeightAverage
 from matcouple.surrogate.graph import GraphSpec
 from matcouple.surrogate.model import Crysformer, CrysformerConfig, parse_model_overrides
 
@@ -53,6 +54,8 @@ class TrainConfig:
     # Fused message/value tensor products (matcouple/surrogate/fused.py) in training too:
     # same math as e3nn's modules, fewer kernels; the parameters stay e3nn's.
     fused_tp: bool = field(default_factory=lambda: get_settings().surrogate_train_fused_tp)
+    # EMA of the weights (0 = off): the average is evaluated, kept as best and exported.
+    ema_decay: float = field(default_factory=lambda: get_settings().surrogate_train_ema_decay)
     model: dict = field(default_factory=dict)
     graph: dict = field(default_factory=dict)
     # Data-parallel: batch_size is per GPU; lr is scaled for the global batch by this rule.
@@ -67,6 +70,8 @@ class TrainConfig:
             raise MatcoupleError(f"learning rate must be a positive number, got {self.lr}")
         if self.weight_decay < 0 or self.warmup_epochs < 0:
             raise MatcoupleError("weight decay and warm-up epochs must not be negative")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise MatcoupleError(f"EMA decay must lie in [0, 1), got {self.ema_decay}")
 
 
 def _device(name: str | None) -> torch.device:
@@ -229,6 +234,9 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
             torch.set_rng_state(state["torch_rng"])
     elif init_from is not None:
         _init_from(model, init_from)
+    # A run resumed with EMA newly on starts its average from the current weights.
+    ema = None if cfg.ema_decay == 0 else WeightAverage(
+        model, cfg.ema_decay, state.get("ema_state_dict") if state is not None else None)
     on_gpu = dev.type == "cuda"
     if on_gpu:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
@@ -263,6 +271,8 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
+            if ema is not None:
+                ema.update(model, step)
             step += 1
             if sampler.local_size(i):  # the running loss stays on the device: no sync
                 running += err.detach().sum() / err.shape[1]
@@ -275,17 +285,25 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
         train_loss = running / max(count, 1)
         epoch += 1
         mae = evaluate(model, val_loader, mean_d, std_d, dev)
+        raw = {}
+        if ema is not None:  # the average is the model; the raw weights for comparison
+            raw = {f"val_raw_mae_{t}": v for t, v in mae.items()}
+            with ema.swapped_in(model):
+                mae = evaluate(model, val_loader, mean_d, std_d, dev)
         score = _score(mae, std, cfg.targets)
         history.append({"epoch": epoch, "train_loss": train_loss,
                         "elapsed_s": time.monotonic() - start_time,
                         "train_s": epoch_s, "graphs": int(count), "gpus": ctx.world_size,
-                        **{f"val_mae_{t}": v for t, v in mae.items()}})
+                        **{f"val_mae_{t}": v for t, v in mae.items()}, **raw})
         if progress:
             print(f"epoch {epoch}: train L1 {train_loss:.4f}  val MAE " +
-                  "  ".join(f"{t} {v:.4f}" for t, v in mae.items()), flush=True)
+                  "  ".join(f"{t} {v:.4f}" for t, v in mae.items()) +
+                  ("  (last step's weights: " + "  ".join(
+                      f"{v:.4f}" for v in raw.values()) + ")" if raw else ""), flush=True)
         if score < best_score:
             best_score = score
-            best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best = ema.state_dict() if ema is not None else {
+                k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         state = {
             "format": CHECKPOINT_FORMAT, "train_config": _plain(asdict(cfg)),
             "model_config": _plain(model_cfg.as_dict()), "graph_spec": asdict(spec),
@@ -294,6 +312,7 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
             "torch_rng": torch.get_rng_state(), "epoch": epoch,
             "step": step, "history": history, "best_state_dict": best,
             "best_score": best_score, "norm_mean": mean, "norm_std": std,
+            **({"ema_state_dict": ema.state_dict()} if ema is not None else {}),
             "data_hash": table_hash(data_path), "n_train": len(train_set.graphs),
             "n_val": len(val_set.graphs), "skipped_train": len(train_set.skipped),
         }
@@ -385,6 +404,9 @@ def main(argv: list[str] | None = None) -> None:
                    default=get_settings().surrogate_train_fused_tp,
                    help="fused tensor products in training (same math as e3nn, faster; "
                    "default: Settings.surrogate_train_fused_tp)")
+    p.add_argument("--ema", type=float, default=get_settings().surrogate_train_ema_decay,
+                   help="EMA decay of the weights (0 = off; e.g. 0.999): the average is "
+                   "evaluated, kept and exported")
     p.add_argument("--device", default=None)
     p.add_argument("--init-from", type=Path, default=None)
     p.add_argument("--cache-dir", type=Path, default=get_settings().graph_cache_dir)
@@ -398,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
                       split_column=a.split_column, train_split=a.train_split,
                       val_split=a.val_split, epochs=a.epochs, batch_size=a.batch_size,
                       lr=a.lr, seed=a.seed, limit_train=a.limit_train, amp=a.amp, model=model,
-                      fused_tp=a.fused_tp)
+                      fused_tp=a.fused_tp, ema_decay=a.ema)
     train(cfg, a.out, minutes=a.minutes, device=a.device, init_from=a.init_from,
           cache_dir=a.cache_dir, workers=a.workers, progress=not a.quiet)
     if a.export:
