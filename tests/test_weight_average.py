@@ -21,9 +21,9 @@ def test_average_moves_by_one_minus_decay_and_swaps_back():
     avg = WeightAverage(lin, 0.9)
     with torch.no_grad():
         lin.weight.add_(1.0)
-    avg.update(lin, step=10_000)  # the ramp (1+s)/(10+s) is above 0.9 here
+    avg.update(step=10_000)  # the ramp (1+s)/(10+s) is above 0.9 here
     assert torch.allclose(avg.shadow["weight"], w0 + 0.1)
-    avg.update(lin, step=0)  # first step: decay 0.1, mostly the new weights
+    avg.update(step=0)  # first step: decay 0.1, mostly the new weights
     assert torch.allclose(avg.shadow["weight"], 0.1 * (w0 + 0.1) + 0.9 * (w0 + 1.0))
     trained = lin.weight.detach().clone()
     with avg.swapped_in(lin):

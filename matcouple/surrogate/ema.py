@@ -17,7 +17,8 @@ from torch import nn
 
 
 class WeightAverage:
-    """EMA of every floating-point tensor of a module's state (parameters and buffers)."""
+    """EMA of every floating-point tensor of a module's state (parameters and buffers),
+    bound to that module: ``update`` reads its tensors as they are now."""
 
     def __init__(self, model: nn.Module, decay: float,
                  state: dict[str, torch.Tensor] | None = None) -> None:
@@ -31,18 +32,18 @@ class WeightAverage:
             raise ValueError(f"EMA state lacks {sorted(missing)[:3]}")
         self.shadow = {k: source[k].detach().to(own[k].device, own[k].dtype).clone()
                        for k in own}
-
-    def _float_pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        own = model.state_dict()
-        keys = [k for k, v in own.items() if v.is_floating_point()]
-        return [self.shadow[k] for k in keys], [own[k].detach() for k in keys]
+        # The module's own tensors, read once: the optimizer and load_state_dict update
+        # them in place, so every step lerps towards the current weights without
+        # rebuilding the state dict.
+        floats = [k for k, v in own.items() if v.is_floating_point()]
+        self._targets = [self.shadow[k] for k in floats]
+        self._live = [own[k] for k in floats]
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
+    def update(self, step: int) -> None:
         """Move the average towards the current weights (after optimizer step ``step``)."""
         d = min(self.decay, (1.0 + step) / (10.0 + step))
-        shadow, current = self._float_pairs(model)
-        torch._foreach_lerp_(shadow, current, 1.0 - d)
+        torch._foreach_lerp_(self._targets, self._live, 1.0 - d)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.shadow.items()}

@@ -272,7 +272,7 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             if ema is not None:
-                ema.update(model, step)
+                ema.update(step)
             step += 1
             if sampler.local_size(i):  # the running loss stays on the device: no sync
                 running += err.detach().sum() / err.shape[1]
