@@ -77,6 +77,11 @@ class Settings:
     # is evaluated each epoch, kept as the best and exported; the last step's weights are
     # evaluated beside it (history: val_raw_mae_*). --ema DECAY per run.
     surrogate_train_ema_decay: float = 0.0
+    # Structure noise in training (surrogate/augment.py; off by default): std of random
+    # strains (fraction) and of atomic displacements (Å) applied to each training batch.
+    # --strain-noise / --displacement-noise per run.
+    surrogate_train_strain_noise: float = 0.0
+    surrogate_train_displacement_noise: float = 0.0
     # Structures per forward pass at prediction. On a CPU small batches keep the per-edge
     # tensors in cache (2-core EPYC: batch 16 is 2x faster per structure than 256).
     predict_batch_size_cpu: int = 16

@@ -48,6 +48,14 @@ def train_surrogate(
                                      "off): the average is evaluated each epoch, kept as "
                                      "the best and exported; default: Settings."
                                      "surrogate_train_ema_decay."),
+    weight_decay: float | None = typer.Option(None, help="AdamW weight decay (default: "
+                                              "TrainConfig's)."),
+    strain_noise: float | None = typer.Option(None, help="Std of random strains applied in "
+                                              "training (fraction, e.g. 0.01; 0: off); "
+                                              "default: Settings.surrogate_train_strain_noise."),
+    displacement_noise: float | None = typer.Option(
+        None, help="Std of random atomic displacements in training (Å, e.g. 0.02; 0: off); "
+        "default: Settings.surrogate_train_displacement_noise."),
 ) -> None:
     """Train Crysformer on a labelled table (resumable; checkpoint after every epoch)."""
     from matcouple.settings import get_settings
@@ -65,7 +73,12 @@ def train_surrogate(
             batch_size, lr=settings.surrogate_train_lr if lr is None else lr, seed=seed,
             limit_train=limit_train, model=parse_model_overrides(model),
             fused_tp=settings.surrogate_train_fused_tp if fused_tp is None else fused_tp,
-            ema_decay=settings.surrogate_train_ema_decay if ema is None else ema)
+            ema_decay=settings.surrogate_train_ema_decay if ema is None else ema,
+            **({} if weight_decay is None else {"weight_decay": weight_decay}),
+            strain_noise=settings.surrogate_train_strain_noise if strain_noise is None
+            else strain_noise,
+            displacement_noise=settings.surrogate_train_displacement_noise
+            if displacement_noise is None else displacement_noise)
     except MatcoupleError as exc:
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None

@@ -24,6 +24,7 @@ from matcouple.distributed import current, scaled_lr
 from matcouple.errors import MatcoupleError
 from matcouple.settings import get_settings
 from matcouple.surrogate.atom_features import atom_feature_table
+from matcouple.surrogate.augment import StructureNoise
 from matcouple.surrogate.batching import GlobalBatchSampler
 from matcouple.surrogate.data import load_graphs, table_hash
 from matcouple.surrogate.ema import WeightAverage
@@ -56,6 +57,12 @@ class TrainConfig:
     fused_tp: bool = field(default_factory=lambda: get_settings().surrogate_train_fused_tp)
     # EMA of the weights (0 = off): the average is evaluated, kept as best and exported.
     ema_decay: float = field(default_factory=lambda: get_settings().surrogate_train_ema_decay)
+    # Structure noise in training (surrogate/augment.py): strain (fraction) and atomic
+    # displacement (Å) standard deviations applied to each batch; 0 = off.
+    strain_noise: float = field(
+        default_factory=lambda: get_settings().surrogate_train_strain_noise)
+    displacement_noise: float = field(
+        default_factory=lambda: get_settings().surrogate_train_displacement_noise)
     model: dict = field(default_factory=dict)
     graph: dict = field(default_factory=dict)
     # Data-parallel: batch_size is per GPU; lr is scaled for the global batch by this rule.
@@ -72,6 +79,10 @@ class TrainConfig:
             raise MatcoupleError("weight decay and warm-up epochs must not be negative")
         if not 0.0 <= self.ema_decay < 1.0:
             raise MatcoupleError(f"EMA decay must lie in [0, 1), got {self.ema_decay}")
+        self.noise()  # checks the noise levels
+
+    def noise(self) -> StructureNoise:
+        return StructureNoise(self.strain_noise, self.displacement_noise)
 
 
 def _device(name: str | None) -> torch.device:
@@ -247,6 +258,7 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
     val_loader = DataLoader(val_set.graphs[ctx.rank::ctx.world_size], batch_size=256)
     mean_d, std_d = mean.to(dev), std.to(dev)
     use_amp = cfg.amp and dev.type == "cuda"
+    noise = cfg.noise()
     budget = None if minutes is None else minutes * 60
     stopped_early, first_epoch = False, epoch  # this chunk's epochs time the next one
     last_epoch = cfg.epochs if chunk_epochs is None else min(cfg.epochs, epoch + chunk_epochs)
@@ -262,9 +274,9 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
             for g in opt.param_groups:
                 g["lr"] = lr * _lr_factor(step, total_steps, warmup)
             batch = batch.to(dev, non_blocking=True)
+            edge_vec = noise(batch.edge_vec, batch.edge_index, batch.batch, batch.num_graphs)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                pred = net(batch.z, batch.edge_index, batch.edge_vec, batch.batch,
-                           batch.num_graphs)
+                pred = net(batch.z, batch.edge_index, edge_vec, batch.batch, batch.num_graphs)
             err = (pred.float() - (batch.y - mean_d) / std_d).abs()
             loss = err.sum() * sampler.loss_scale(i, err.shape[1])  # mean over global batch
             opt.zero_grad(set_to_none=True)
@@ -407,6 +419,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ema", type=float, default=get_settings().surrogate_train_ema_decay,
                    help="EMA decay of the weights (0 = off; e.g. 0.999): the average is "
                    "evaluated, kept and exported")
+    p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay,
+                   help="AdamW weight decay")
+    p.add_argument("--strain-noise", type=float,
+                   default=get_settings().surrogate_train_strain_noise,
+                   help="std of random strains in training (fraction, e.g. 0.01; 0 = off)")
+    p.add_argument("--displacement-noise", type=float,
+                   default=get_settings().surrogate_train_displacement_noise,
+                   help="std of random atomic displacements in training (Å; 0 = off)")
     p.add_argument("--device", default=None)
     p.add_argument("--init-from", type=Path, default=None)
     p.add_argument("--cache-dir", type=Path, default=get_settings().graph_cache_dir)
@@ -420,7 +440,8 @@ def main(argv: list[str] | None = None) -> None:
                       split_column=a.split_column, train_split=a.train_split,
                       val_split=a.val_split, epochs=a.epochs, batch_size=a.batch_size,
                       lr=a.lr, seed=a.seed, limit_train=a.limit_train, amp=a.amp, model=model,
-                      fused_tp=a.fused_tp, ema_decay=a.ema)
+                      fused_tp=a.fused_tp, ema_decay=a.ema, weight_decay=a.weight_decay,
+                      strain_noise=a.strain_noise, displacement_noise=a.displacement_noise)
     train(cfg, a.out, minutes=a.minutes, device=a.device, init_from=a.init_from,
           cache_dir=a.cache_dir, workers=a.workers, progress=not a.quiet)
     if a.export:
