@@ -16,7 +16,13 @@ from matcouple.surrogate.atom_features import atom_feature_table
 from matcouple.surrogate.data import load_graphs
 from matcouple.surrogate.model import Crysformer, CrysformerConfig
 from matcouple.surrogate.predict import SurrogatePredictor
-from matcouple.surrogate.train import TrainConfig, _init_from, export_model, train
+from matcouple.surrogate.train import (
+    TrainConfig,
+    _init_from,
+    export_model,
+    parse_target_weights,
+    train,
+)
 
 CI = get_settings().data_dir / get_settings().datasets["mp2018-ci"]
 pytestmark = pytest.mark.skipif(not CI.exists(), reason="data sets not present")
@@ -214,3 +220,28 @@ def test_init_from_a_shallower_model_grows_it_without_changing_its_predictions(t
                   init_from=tmp_path / "base.pt", progress=False, workers=1)
     assert grown["model_config"]["layers"] == 3
     assert float(grown["state_dict"]["blocks.2.lin_out.weight"].abs().sum()) > 0.0
+
+
+def test_a_target_weighted_zero_teaches_its_head_nothing(tmp_path):
+    train(_cfg(epochs=1), tmp_path / "base.pt", progress=False, workers=1)
+    base = torch.load(tmp_path / "base.pt", weights_only=True)["best_state_dict"]
+    run = train(_cfg(epochs=1, target_weights=(1.0, 0.0), weight_decay=0.0),
+                tmp_path / "ef.pt", init_from=tmp_path / "base.pt", progress=False, workers=1)
+    head, bias = run["state_dict"]["head.3.weight"], run["state_dict"]["head.3.bias"]
+    assert torch.equal(head[1], base["head.3.weight"][1])  # band gap: no gradient
+    assert torch.equal(bias[1], base["head.3.bias"][1])
+    assert not torch.equal(head[0], base["head.3.weight"][0])  # E_f trained
+    assert run["train_config"]["target_weights"] == [1.0, 0.0]
+    resumed = train(_cfg(epochs=2), tmp_path / "ef.pt", progress=False, workers=1)
+    assert torch.equal(resumed["state_dict"]["head.3.weight"][1], base["head.3.weight"][1])
+
+
+def test_target_weights_are_checked_and_rescaled_to_mean_one():
+    assert parse_target_weights("3,1") == (3.0, 1.0) and parse_target_weights("") == ()
+    assert _cfg(target_weights=(3.0, 1.0)).loss_weights().tolist() == [1.5, 0.5]
+    assert _cfg().loss_weights().tolist() == [1.0, 1.0]
+    for bad in ((1.0,), (-1.0, 1.0), (0.0, 0.0)):
+        with pytest.raises(MatcoupleError, match="target weights"):
+            _cfg(target_weights=bad)
+    with pytest.raises(MatcoupleError, match="target weights"):
+        parse_target_weights("2,x")

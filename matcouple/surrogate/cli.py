@@ -48,6 +48,8 @@ def train_surrogate(
                                      "off): the average is evaluated each epoch, kept as "
                                      "the best and exported; default: Settings."
                                      "surrogate_train_ema_decay."),
+    target_weights: str = typer.Option("", help="Loss weight per target in --targets order, "
+                                       "e.g. 2,1 (default: equal)."),
     weight_decay: float | None = typer.Option(None, help="AdamW weight decay (default: "
                                               "TrainConfig's)."),
     strain_noise: float | None = typer.Option(None, help="Std of random strains applied in "
@@ -61,7 +63,12 @@ def train_surrogate(
     from matcouple.settings import get_settings
     from matcouple.surrogate.model import parse_model_overrides
     from matcouple.surrogate.parallel import train_members, train_on_gpus
-    from matcouple.surrogate.train import TrainConfig, export_model, train
+    from matcouple.surrogate.train import (
+        TrainConfig,
+        export_model,
+        parse_target_weights,
+        train,
+    )
 
     settings = get_settings()
     try:
@@ -78,7 +85,8 @@ def train_surrogate(
             strain_noise=settings.surrogate_train_strain_noise if strain_noise is None
             else strain_noise,
             displacement_noise=settings.surrogate_train_displacement_noise
-            if displacement_noise is None else displacement_noise)
+            if displacement_noise is None else displacement_noise,
+            target_weights=parse_target_weights(target_weights))
     except MatcoupleError as exc:
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None

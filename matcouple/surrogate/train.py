@@ -63,6 +63,9 @@ class TrainConfig:
         default_factory=lambda: get_settings().surrogate_train_strain_noise)
     displacement_noise: float = field(
         default_factory=lambda: get_settings().surrogate_train_displacement_noise)
+    # Weight of each target in the loss (and in choosing the best epoch), in the order of
+    # ``targets``; empty = equal. Rescaled to mean 1, so the learning rate keeps its meaning.
+    target_weights: tuple[float, ...] = ()
     model: dict = field(default_factory=dict)
     graph: dict = field(default_factory=dict)
     # Data-parallel: batch_size is per GPU; lr is scaled for the global batch by this rule.
@@ -80,6 +83,16 @@ class TrainConfig:
         if not 0.0 <= self.ema_decay < 1.0:
             raise MatcoupleError(f"EMA decay must lie in [0, 1), got {self.ema_decay}")
         self.noise()  # checks the noise levels
+        w = self.target_weights
+        if w and (len(w) != len(self.targets) or not all(math.isfinite(x) and x >= 0 for x in w)
+                  or sum(w) <= 0):
+            raise MatcoupleError(f"target weights {list(w)}: need one non-negative number per "
+                                 f"target ({', '.join(self.targets)}), not all zero")
+
+    def loss_weights(self) -> torch.Tensor:
+        """Per-target loss weights with mean 1 (all ones when none are set)."""
+        w = torch.tensor(self.target_weights or [1.0] * len(self.targets), dtype=torch.float32)
+        return w * (len(w) / w.sum())
 
     def noise(self) -> StructureNoise:
         return StructureNoise(self.strain_noise, self.displacement_noise)
@@ -175,8 +188,11 @@ def train_epoch(model: Crysformer, loader: DataLoader, opt: torch.optim.Optimize
     return running / max(count, 1), count, step
 
 
-def _score(mae: dict[str, float], std: torch.Tensor, targets) -> float:
-    return sum(mae[t] / float(s) for t, s in zip(targets, std, strict=True))
+def _score(mae: dict[str, float], std: torch.Tensor, targets,
+           weights: torch.Tensor | None = None) -> float:
+    """Best-epoch score: the normalised MAEs, weighted like the loss."""
+    w = [1.0] * len(targets) if weights is None else weights.tolist()
+    return sum(wt * mae[t] / float(s) for t, s, wt in zip(targets, std, w, strict=True))
 
 
 def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
@@ -202,7 +218,8 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
         # The data file may have moved (another machine): the caller's path is used and
         # checked against the saved content hash below. Fused tensor products are the same
         # math, only a speed choice for this machine: the caller's choice holds too.
-        cfg = replace(cfg, **{k: (tuple(v) if k == "targets" else v) for k, v in saved.items()
+        cfg = replace(cfg, **{k: (tuple(v) if k in ("targets", "target_weights") else v)
+                              for k, v in saved.items()
                               if k not in ("epochs", "data", "fused_tp")})
         if state.get("data_hash") and state["data_hash"] != table_hash(Path(cfg.data)):
             raise MatcoupleError(f"{cfg.data} is not the data set {out} was trained on "
@@ -259,6 +276,8 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
     mean_d, std_d = mean.to(dev), std.to(dev)
     use_amp = cfg.amp and dev.type == "cuda"
     noise = cfg.noise()
+    weights = cfg.loss_weights()
+    weights_d = weights.to(dev)
     budget = None if minutes is None else minutes * 60
     stopped_early, first_epoch = False, epoch  # this chunk's epochs time the next one
     last_epoch = cfg.epochs if chunk_epochs is None else min(cfg.epochs, epoch + chunk_epochs)
@@ -277,7 +296,7 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
             edge_vec = noise(batch.edge_vec, batch.edge_index, batch.batch, batch.num_graphs)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
                 pred = net(batch.z, batch.edge_index, edge_vec, batch.batch, batch.num_graphs)
-            err = (pred.float() - (batch.y - mean_d) / std_d).abs()
+            err = (pred.float() - (batch.y - mean_d) / std_d).abs() * weights_d
             loss = err.sum() * sampler.loss_scale(i, err.shape[1])  # mean over global batch
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -302,7 +321,7 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
             raw = {f"val_raw_mae_{t}": v for t, v in mae.items()}
             with ema.swapped_in(model):
                 mae = evaluate(model, val_loader, mean_d, std_d, dev)
-        score = _score(mae, std, cfg.targets)
+        score = _score(mae, std, cfg.targets, weights)
         history.append({"epoch": epoch, "train_loss": train_loss,
                         "elapsed_s": time.monotonic() - start_time,
                         "train_s": epoch_s, "graphs": int(count), "gpus": ctx.world_size,
@@ -341,6 +360,15 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
     return state
 
 
+def parse_target_weights(text: str) -> tuple[float, ...]:
+    """``"2,1"`` -> ``(2.0, 1.0)``; empty -> equal weights; a clear error otherwise."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise MatcoupleError(f"target weights {text!r}: expected numbers separated by "
+                             "commas, e.g. 2,1") from None
+
+
 def _plain(d: dict) -> dict:
     """Tuples -> lists, so the dict survives ``weights_only=True`` loading unchanged."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
@@ -373,9 +401,11 @@ def export_model(checkpoint: Path, out: Path, extra: dict | None = None) -> dict
     """Write the small inference file (best weights + everything needed to use them)."""
     state = torch.load(checkpoint, weights_only=True, map_location="cpu")
     history = state["history"]
-    best_epoch = min(history, key=lambda h: sum(
-        h[f"val_mae_{t}"] / float(s) for t, s in zip(state["model_config"]["targets"],
-                                                      state["norm_std"], strict=True)))
+    targets = state["model_config"]["targets"]
+    weights = TrainConfig(data="", targets=tuple(targets), target_weights=tuple(
+        state["train_config"].get("target_weights", ()))).loss_weights()
+    best_epoch = min(history, key=lambda h: _score(
+        {t: h[f"val_mae_{t}"] for t in targets}, state["norm_std"], targets, weights))
     model = {
         "format": MODEL_FORMAT, "model_config": state["model_config"],
         "graph_spec": state["graph_spec"], "state_dict": state["best_state_dict"],
@@ -419,6 +449,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ema", type=float, default=get_settings().surrogate_train_ema_decay,
                    help="EMA decay of the weights (0 = off; e.g. 0.999): the average is "
                    "evaluated, kept and exported")
+    p.add_argument("--target-weights", default="",
+                   help="loss weight per target, in --targets order, e.g. 2,1 (default equal)")
     p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay,
                    help="AdamW weight decay")
     p.add_argument("--strain-noise", type=float,
@@ -441,7 +473,8 @@ def main(argv: list[str] | None = None) -> None:
                       val_split=a.val_split, epochs=a.epochs, batch_size=a.batch_size,
                       lr=a.lr, seed=a.seed, limit_train=a.limit_train, amp=a.amp, model=model,
                       fused_tp=a.fused_tp, ema_decay=a.ema, weight_decay=a.weight_decay,
-                      strain_noise=a.strain_noise, displacement_noise=a.displacement_noise)
+                      strain_noise=a.strain_noise, displacement_noise=a.displacement_noise,
+                      target_weights=parse_target_weights(a.target_weights))
     train(cfg, a.out, minutes=a.minutes, device=a.device, init_from=a.init_from,
           cache_dir=a.cache_dir, workers=a.workers, progress=not a.quiet)
     if a.export:
