@@ -143,10 +143,13 @@ def test_training_defaults_come_from_settings(monkeypatch):
     import matcouple.surrogate.train as train_module
 
     custom = replace(get_settings(), surrogate_train_lr=1.25e-3, surrogate_train_batch_size=48,
-                     surrogate_train_fused_tp=False)
+                     surrogate_train_fused_tp=False, surrogate_train_weight_decay=0.03,
+                     surrogate_train_strain_noise=0.005,
+                     surrogate_train_displacement_noise=0.01)
     monkeypatch.setattr(train_module, "get_settings", lambda: custom)
     cfg = TrainConfig(data=str(CI))
     assert (cfg.lr, cfg.batch_size, cfg.fused_tp) == (1.25e-3, 48, False)
+    assert (cfg.weight_decay, cfg.strain_noise, cfg.displacement_noise) == (0.03, 0.005, 0.01)
 
 
 def test_model_predictions_of_one_exported_model(tmp_path):

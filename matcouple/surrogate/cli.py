@@ -51,7 +51,7 @@ def train_surrogate(
     target_weights: str = typer.Option("", help="Loss weight per target in --targets order, "
                                        "e.g. 2,1 (default: equal)."),
     weight_decay: float | None = typer.Option(None, help="AdamW weight decay (default: "
-                                              "TrainConfig's)."),
+                                              "Settings.surrogate_train_weight_decay)."),
     strain_noise: float | None = typer.Option(None, help="Std of random strains applied in "
                                               "training (fraction, e.g. 0.01; 0: off); "
                                               "default: Settings.surrogate_train_strain_noise."),
@@ -81,7 +81,8 @@ def train_surrogate(
             limit_train=limit_train, model=parse_model_overrides(model),
             fused_tp=settings.surrogate_train_fused_tp if fused_tp is None else fused_tp,
             ema_decay=settings.surrogate_train_ema_decay if ema is None else ema,
-            **({} if weight_decay is None else {"weight_decay": weight_decay}),
+            weight_decay=settings.surrogate_train_weight_decay if weight_decay is None
+            else weight_decay,
             strain_noise=settings.surrogate_train_strain_noise if strain_noise is None
             else strain_noise,
             displacement_noise=settings.surrogate_train_displacement_noise

@@ -47,7 +47,8 @@ class TrainConfig:
     epochs: int = field(default_factory=lambda: get_settings().surrogate_train_epochs)
     batch_size: int = field(default_factory=lambda: get_settings().surrogate_train_batch_size)
     lr: float = field(default_factory=lambda: get_settings().surrogate_train_lr)
-    weight_decay: float = 1e-5
+    weight_decay: float = field(
+        default_factory=lambda: get_settings().surrogate_train_weight_decay)
     warmup_epochs: float = 1.0
     seed: int = 0
     limit_train: int | None = None
@@ -451,8 +452,8 @@ def main(argv: list[str] | None = None) -> None:
                    "evaluated, kept and exported")
     p.add_argument("--target-weights", default="",
                    help="loss weight per target, in --targets order, e.g. 2,1 (default equal)")
-    p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay,
-                   help="AdamW weight decay")
+    p.add_argument("--weight-decay", type=float,
+                   default=get_settings().surrogate_train_weight_decay, help="AdamW weight decay")
     p.add_argument("--strain-noise", type=float,
                    default=get_settings().surrogate_train_strain_noise,
                    help="std of random strains in training (fraction, e.g. 0.01; 0 = off)")
