@@ -196,8 +196,13 @@ def test_model_card_calibrates_each_mode_with_and_without_a_value_model(tmp_path
                          progress=False).graphs
     truth = torch.cat([g.y for g in graphs]).numpy()
     point = value_only.member_outputs(graphs)[0][0]
-    assert card["val_mae"]["value+ensemble2"]["formation_energy_per_atom"] == pytest.approx(
+    ef = card["calibration"]["value+ensemble2"]["formation_energy_per_atom"]
+    assert ef["value_model_mae"] == pytest.approx(
         float(np.nanmean(np.abs(point[:, 0] - truth[:, 0]))), rel=1e-5)
+    # the step towards the ensemble is fitted on these rows with 0 among the choices
+    assert 0.0 <= ef["ensemble_weight"] <= 0.5
+    assert card["val_mae"]["value+ensemble2"]["formation_energy_per_atom"] <= \
+        ef["value_model_mae"] + 1e-9
 
 
 def test_init_from_a_shallower_model_grows_it_without_changing_its_predictions(tmp_path):

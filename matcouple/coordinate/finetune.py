@@ -54,9 +54,15 @@ from matcouple.store.registry import REFUSED, ModelRegistry
 from matcouple.surrogate.data import load_graphs
 from matcouple.surrogate.graph import GraphSpec, structure_to_graph
 from matcouple.surrogate.model import have_dropout
-from matcouple.surrogate.predict import SurrogatePredictor, ensemble_value_and_sigma, load_model
+from matcouple.surrogate.predict import (
+    NON_NEGATIVE,
+    SurrogatePredictor,
+    ensemble_value_and_sigma,
+    load_model,
+)
 from matcouple.surrogate.train import _atomic_save, _lr_factor, train_epoch
 from matcouple.surrogate.uncertainty import cross_fitted_calibration
+from matcouple.surrogate.value_blend import fit_value_blend
 
 log = logging.getLogger(__name__)
 PROMOTION_TARGET = "formation_energy_per_atom"
@@ -285,8 +291,12 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     truth = torch.cat([g.y for g in eval_graphs]).numpy()
     if config.mc_samples and not have_dropout(models):  # no MC spread: score the ensemble
         config = replace(config, mc_samples=0)
+    mode = ("value+" if value is not None else "") + f"ensemble{len(models)}" + (
+        f"+mc{config.mc_samples}" if config.mc_samples else "")
+    current_cal = card.get("calibration", {}).get(mode, {})
     current_mean, _ = ensemble_value_and_sigma(*ensemble_outputs(
-        models, blobs, value, eval_graphs, device, config.mc_samples), targets)
+        models, blobs, value, eval_graphs, device, config.mc_samples), targets,
+        [float(current_cal.get(t, {}).get("ensemble_weight", 0.0)) for t in targets])
     current_metrics = score(current_mean, truth, len(val), targets)
     lap("evaluate_current")
 
@@ -322,17 +332,21 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     new_value = (value[0], new_blobs.pop()) if value is not None else None
     preds, variances, point = ensemble_outputs(models, new_blobs, new_value, eval_graphs,
                                                device, config.mc_samples)
-    mean, sigma = ensemble_value_and_sigma(preds, variances, point, targets)
+    # the value model's step towards the ensemble is refitted on the val slice only, so the
+    # buffer's hold-out still judges the new models on data nothing was fitted to
+    weights, blends = fit_value_blend(
+        point[: len(val)], preds[:, : len(val)], variances[:, : len(val)],
+        truth[: len(val)], targets, NON_NEGATIVE) if point is not None else (None, {})
+    mean, sigma = ensemble_value_and_sigma(preds, variances, point, targets, weights)
     new_metrics = score(mean, truth, len(val), targets)
-    mode = ("value+" if value is not None else "") + f"ensemble{len(models)}" + (
-        f"+mc{config.mc_samples}" if config.mc_samples else "")
     calibration: dict[str, Any] = {"n": len(eval_graphs)}
     for j, t in enumerate(targets):
         known = ~np.isnan(truth[:, j])
         errors = mean[known, j] - truth[known, j]
         cal = cross_fitted_calibration(errors, sigma[known, j])
         calibration[t] = {"scale": cal["scale"], "mae": float(np.abs(errors).mean()),
-                          "held_out": cal["held_out"], "uncalibrated": cal["uncalibrated"]}
+                          "held_out": cal["held_out"], "uncalibrated": cal["uncalibrated"],
+                          **blends.get(t, {})}
     metrics = {"val": new_metrics["val"], "holdout": new_metrics["holdout"],
                "current": current_metrics, "n_val": len(val), "n_holdout": len(held),
                "n_buffer_train": len(buffer_train), "n_replay": len(replay),

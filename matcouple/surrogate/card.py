@@ -17,8 +17,13 @@ import torch
 
 from matcouple.settings import get_settings
 from matcouple.surrogate.data import load_graphs
-from matcouple.surrogate.predict import SurrogatePredictor, ensemble_value_and_sigma
+from matcouple.surrogate.predict import (
+    NON_NEGATIVE,
+    SurrogatePredictor,
+    ensemble_value_and_sigma,
+)
 from matcouple.surrogate.uncertainty import cross_fitted_calibration
+from matcouple.surrogate.value_blend import fit_value_blend
 
 
 def _plot(errors: np.ndarray, sigma: np.ndarray, truth: np.ndarray, pred: np.ndarray,
@@ -95,8 +100,11 @@ def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet
         means, variances, point = predictor.outputs(subset)
         y = truth[: len(subset)]
         for use_value in ([False, True] if value_model else [False]):
+            weights, blends = fit_value_blend(point, means, variances, y, targets,
+                                              NON_NEGATIVE) if use_value else (None, {})
             mean, sigma = ensemble_value_and_sigma(means, variances,
-                                                   point if use_value else None, targets)
+                                                   point if use_value else None, targets,
+                                                   weights)
             errors = mean - y
             mode = ("value+" if use_value else "") + predictor.mode.removeprefix("value+")
             card["calibration"][mode] = {"n": len(subset)}
@@ -104,7 +112,7 @@ def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet
                 cal = cross_fitted_calibration(errors[:, j], sigma[:, j])
                 card["calibration"][mode][t] = {"scale": cal["scale"], "mae": float(
                     np.abs(errors[:, j]).mean()), "held_out": cal["held_out"],
-                    "uncalibrated": cal["uncalibrated"]}
+                    "uncalibrated": cal["uncalibrated"], **blends.get(t, {})}
             card["val_mae"][mode] = {t: float(np.abs(errors[:, j]).mean())
                                      for j, t in enumerate(targets)}
             # the default mode (MC passes, the value model if any) on the whole split

@@ -37,6 +37,7 @@ from matcouple.surrogate.mc_dropout import draw_masks, replaying
 from matcouple.surrogate.model import Crysformer, CrysformerConfig, have_dropout
 from matcouple.surrogate.train import MODEL_FORMAT
 from matcouple.surrogate.uncertainty import combine, spread_around
+from matcouple.surrogate.value_blend import blend
 
 NON_NEGATIVE = {"band_gap"}
 
@@ -79,14 +80,20 @@ def _compact_graph_or_error(item: CompactCrystal | Structure, spec: GraphSpec) -
 
 
 def ensemble_value_and_sigma(means: np.ndarray, variances: np.ndarray,
-                             point: np.ndarray | None, targets: Sequence[str]
+                             point: np.ndarray | None, targets: Sequence[str],
+                             ensemble_weight: Sequence[float] | None = None
                              ) -> tuple[np.ndarray, np.ndarray]:
     """Value and raw sigma (N, targets): the mixture's mean and spread, or, with a value
     model's ``point`` prediction, that prediction and the mixture's spread about it.
-    Values of targets that cannot be negative (band gap) are clipped at zero."""
+    ``ensemble_weight`` (per target, from the card; :mod:`value_blend`) first moves the
+    point that fraction of the way to the mixture's mean. Values of targets that cannot be
+    negative (band gap) are clipped at zero."""
     if point is None:
         value, sigma = combine(means, variances)
     else:
+        if ensemble_weight is not None and any(ensemble_weight):
+            point = blend(point, combine(means, variances)[0],
+                          np.asarray(ensemble_weight, dtype=float)[None])
         value, sigma = point.copy(), spread_around(point, means, variances)
     for j, t in enumerate(targets):
         if t in NON_NEGATIVE:
@@ -164,6 +171,9 @@ class SurrogatePredictor:
         self._mc_samples = int(value)
         scales = self.card.get("calibration", {}).get(self.mode, {})
         self.scales = {t: float(scales.get(t, {}).get("scale", 1.0)) for t in self.targets}
+        # the fraction of the way from the value model to the ensemble's mean (value_blend)
+        self.ensemble_weight = [float(scales.get(t, {}).get("ensemble_weight", 0.0))
+                                for t in self.targets]
         self.calibrated = bool(scales)
 
     @property
@@ -293,7 +303,7 @@ class SurrogatePredictor:
                        ) -> tuple[np.ndarray, np.ndarray]:
         """Mean and calibrated sigma, each (N, targets), in physical units."""
         mean, sigma = ensemble_value_and_sigma(*self.outputs(graphs, batch_size),
-                                               self.targets)
+                                               self.targets, self.ensemble_weight)
         for j, t in enumerate(self.targets):
             sigma[:, j] *= self.scales[t]
         return mean, sigma

@@ -60,14 +60,18 @@ def calibration_metrics(errors: np.ndarray, sigma: np.ndarray) -> dict[str, floa
     }
 
 
+def seeded_halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of two random halves of n rows (the same for the same seed)."""
+    idx = np.random.default_rng(seed).permutation(n)
+    return idx[: n // 2], idx[n // 2:]
+
+
 def held_out_sigmas(errors: np.ndarray, sigma: np.ndarray, seed: int = 0
                     ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Each row's sigma scaled by the factor fitted on the *other* seeded half of the set:
     what a calibrated sigma looks like on data the calibration never saw. Also returns
     the two halves (row indices)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.permutation(len(errors))
-    halves = (idx[: len(idx) // 2], idx[len(idx) // 2:])
+    halves = seeded_halves(len(errors), seed)
     out = np.empty(len(errors), dtype=float)
     for fit_idx, test_idx in (halves, halves[::-1]):
         out[test_idx] = fit_scale(errors[fit_idx], sigma[fit_idx]) * sigma[test_idx]
