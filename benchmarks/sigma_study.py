@@ -6,7 +6,9 @@ can be made, on the parts ``benchmarks/uncertainty_parts.py`` saved for a labell
   * ``ensemble+mc``: same mean, sigma from the mixture (MC variance + spread of members);
   * with a ``point`` model in the parts (``uncertainty_parts.py --point MODEL.pt``), also
     ``point+ensemble`` and ``point+ensemble+mc``: that model's value, sigma = the RMS
-    deviation of the ensemble's samples from it (``uncertainty.spread_around``).
+    deviation of the ensemble's samples from it (``uncertainty.spread_around``), and
+    ``blend+ensemble(+mc)``: the value moved towards the ensemble's mean by the fraction
+    fitted on the other seeded half (``value_blend``, what the card ships), sigma about it.
 
 For each, with every sigma scaled by the calibration fitted on the other seeded half: the
 MAE, Spearman(|error|, sigma), the calibration scale and the 90% coverage it gives, and
@@ -36,6 +38,7 @@ from matcouple.surrogate.uncertainty import (  # noqa: E402
     held_out_sigmas,
     spread_around,
 )
+from matcouple.surrogate.value_blend import held_out_values  # noqa: E402
 
 TARGET = "formation_energy_per_atom"
 
@@ -53,6 +56,13 @@ def candidate_sigmas(parts: dict, j: int) -> dict[str, tuple[np.ndarray, np.ndar
         point = parts["point"][:, j]
         out["point+ensemble"] = (point, spread_around(point, det, np.zeros_like(det)))
         out["point+ensemble+mc"] = (point, spread_around(point, mc_mean, mc_var))
+        # the point moved towards the ensemble's mean (value_blend), each half by the
+        # fraction fitted on the other half
+        for name, mean, var in (("blend+ensemble", det, np.zeros_like(det)),
+                                ("blend+ensemble+mc", mc_mean, mc_var)):
+            value = held_out_values(point, combine(mean, var)[0], parts["y"][:, j])
+            value = np.where(np.isnan(value), point, value)  # unlabelled rows: unscored
+            out[name] = (value, spread_around(value, mean, var))
     return out
 
 

@@ -42,17 +42,28 @@ def fit_weight(point: np.ndarray, ensemble_mean: np.ndarray, y: np.ndarray,
     return float(WEIGHT_GRID[int(np.argmin(maes))])  # argmin: the smallest of ties
 
 
+def held_out_values(point: np.ndarray, ensemble_mean: np.ndarray, y: np.ndarray,
+                    non_negative: bool = False, seed: int = 0) -> np.ndarray:
+    """Each row's blended value with the fraction fitted on the *other* seeded half of the
+    rows: what the blend does on data it was not fitted to (rows without a label: NaN)."""
+    known = np.flatnonzero(~np.isnan(y))
+    out = np.full(len(y), np.nan)
+    halves = seeded_halves(len(known), seed)
+    for fit, test in (halves, halves[::-1]):
+        w = fit_weight(point[known[fit]], ensemble_mean[known[fit]], y[known[fit]],
+                       non_negative)
+        out[known[test]] = blend(point[known[test]], ensemble_mean[known[test]], w,
+                                 non_negative)
+    return out
+
+
 def cross_fitted_weight(point: np.ndarray, ensemble_mean: np.ndarray, y: np.ndarray,
                         non_negative: bool = False, seed: int = 0) -> dict[str, float]:
     """The fraction fitted on all rows (what is shipped) and the MAE it gives on each half
     when fitted on the other (what is reported), beside the value model's own MAE there."""
-    known = np.flatnonzero(~np.isnan(y))
+    known = ~np.isnan(y)
+    held = held_out_values(point, ensemble_mean, y, non_negative, seed)[known]
     p, e, t = point[known], ensemble_mean[known], y[known]
-    halves = seeded_halves(len(t), seed)
-    held = np.empty(len(t))
-    for fit_idx, test_idx in (halves, halves[::-1]):
-        w = fit_weight(p[fit_idx], e[fit_idx], t[fit_idx], non_negative)
-        held[test_idx] = blend(p[test_idx], e[test_idx], w, non_negative)
     own = np.maximum(p, 0.0) if non_negative else p
     return {"ensemble_weight": fit_weight(p, e, t, non_negative),
             "held_out_mae": float(np.abs(held - t).mean()) if len(t) else float("nan"),
