@@ -62,7 +62,7 @@ from matcouple.surrogate.predict import (
 )
 from matcouple.surrogate.train import _atomic_save, _lr_factor, train_epoch
 from matcouple.surrogate.uncertainty import cross_fitted_calibration
-from matcouple.surrogate.value_blend import fit_value_blend
+from matcouple.surrogate.value_blend import card_weights, fit_value_blend
 
 log = logging.getLogger(__name__)
 PROMOTION_TARGET = "formation_energy_per_atom"
@@ -293,10 +293,9 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
         config = replace(config, mc_samples=0)
     mode = ("value+" if value is not None else "") + f"ensemble{len(models)}" + (
         f"+mc{config.mc_samples}" if config.mc_samples else "")
-    current_cal = card.get("calibration", {}).get(mode, {})
     current_mean, _ = ensemble_value_and_sigma(*ensemble_outputs(
         models, blobs, value, eval_graphs, device, config.mc_samples), targets,
-        [float(current_cal.get(t, {}).get("ensemble_weight", 0.0)) for t in targets])
+        card_weights(card.get("calibration", {}).get(mode, {}), targets))
     current_metrics = score(current_mean, truth, len(val), targets)
     lap("evaluate_current")
 

@@ -37,7 +37,7 @@ from matcouple.surrogate.mc_dropout import draw_masks, replaying
 from matcouple.surrogate.model import Crysformer, CrysformerConfig, have_dropout
 from matcouple.surrogate.train import MODEL_FORMAT
 from matcouple.surrogate.uncertainty import combine, spread_around
-from matcouple.surrogate.value_blend import blend
+from matcouple.surrogate.value_blend import blend, card_weights
 
 NON_NEGATIVE = {"band_gap"}
 
@@ -172,8 +172,7 @@ class SurrogatePredictor:
         scales = self.card.get("calibration", {}).get(self.mode, {})
         self.scales = {t: float(scales.get(t, {}).get("scale", 1.0)) for t in self.targets}
         # the fraction of the way from the value model to the ensemble's mean (value_blend)
-        self.ensemble_weight = [float(scales.get(t, {}).get("ensemble_weight", 0.0))
-                                for t in self.targets]
+        self.ensemble_weight = card_weights(scales, self.targets)
         self.calibrated = bool(scales)
 
     @property

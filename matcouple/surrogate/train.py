@@ -91,12 +91,16 @@ class TrainConfig:
                                  f"target ({', '.join(self.targets)}), not all zero")
 
     def loss_weights(self) -> torch.Tensor:
-        """Per-target loss weights with mean 1 (all ones when none are set)."""
-        w = torch.tensor(self.target_weights or [1.0] * len(self.targets), dtype=torch.float32)
-        return w * (len(w) / w.sum())
+        return loss_weights(self.target_weights, len(self.targets))
 
     def noise(self) -> StructureNoise:
         return StructureNoise(self.strain_noise, self.displacement_noise)
+
+
+def loss_weights(target_weights, n_targets: int) -> torch.Tensor:
+    """Per-target loss weights with mean 1 (all ones when none are set)."""
+    w = torch.tensor(list(target_weights) or [1.0] * n_targets, dtype=torch.float32)
+    return w * (len(w) / w.sum())
 
 
 def _device(name: str | None) -> torch.device:
@@ -403,8 +407,7 @@ def export_model(checkpoint: Path, out: Path, extra: dict | None = None) -> dict
     state = torch.load(checkpoint, weights_only=True, map_location="cpu")
     history = state["history"]
     targets = state["model_config"]["targets"]
-    weights = TrainConfig(data="", targets=tuple(targets), target_weights=tuple(
-        state["train_config"].get("target_weights", ()))).loss_weights()
+    weights = loss_weights(state["train_config"].get("target_weights", ()), len(targets))
     best_epoch = min(history, key=lambda h: _score(
         {t: h[f"val_mae_{t}"] for t in targets}, state["norm_std"], targets, weights))
     model = {

@@ -79,3 +79,8 @@ def fit_value_blend(point: np.ndarray, member_means: np.ndarray, member_vars: np
     report = {t: cross_fitted_weight(point[:, j], mix[:, j], y[:, j], t in non_negative)
               for j, t in enumerate(targets)}
     return [report[t]["ensemble_weight"] for t in targets], report
+
+
+def card_weights(mode_calibration: dict, targets: Sequence[str]) -> list[float]:
+    """The fractions a card stores for one mode (0 for a target without one: old cards)."""
+    return [float(mode_calibration.get(t, {}).get("ensemble_weight", 0.0)) for t in targets]
