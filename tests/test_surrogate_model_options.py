@@ -97,3 +97,62 @@ def test_chunk_budget_times_epochs_of_this_chunk_only() -> None:
     assert not next_epoch_fits(300.0, 10, 320.0)
     assert next_epoch_fits(300.0, 10, 330.0)
     assert next_epoch_fits(0.0, 0, 1.0)  # nothing timed yet: try one epoch
+
+
+def test_element_embedding_option_parses_as_a_switch():
+    assert parse_model_overrides(["element_embedding=1"]) == {"element_embedding": True}
+    assert parse_model_overrides(["element_embedding=false"]) == {"element_embedding": False}
+    with pytest.raises(MatcoupleError, match="element_embedding: 'maybe' is not one of"):
+        parse_model_overrides(["element_embedding=maybe"])
+
+
+def _rock_salt(cation: str):
+    from pymatgen.core import Lattice, Structure
+
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.0), [cation, "O"],
+                                     [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+def _predict(model: Crysformer, structure) -> torch.Tensor:
+    from matcouple.surrogate.graph import structure_to_graph
+
+    g = structure_to_graph(structure)
+    with torch.no_grad():
+        return model(g["z"], g["edge_index"], g["edge_vec"],
+                     torch.zeros(len(g["z"]), dtype=torch.long), 1)
+
+
+def test_element_embedding_separates_elements_the_k_hot_table_cannot(tmp_path):
+    """Nd and Sm have the same k-hot row: without the learned embedding NdO and SmO get
+    the same prediction whatever the weights; with it they can differ. It starts at zero,
+    so --init-from a model without it keeps that model's predictions exactly."""
+    from matcouple.surrogate.train import _init_from
+
+    table = torch.from_numpy(atom_feature_table())
+    assert torch.equal(table[60], table[62])  # Nd, Sm: the collision this option is for
+    torch.manual_seed(3)
+    small = dict(scalars=8, vectors=4, tensors=4, layers=1, heads=4, rbf=8, dropout=0.0)
+    plain = Crysformer(CrysformerConfig(**small), table).eval()
+    nd, sm = _rock_salt("Nd"), _rock_salt("Sm")
+    torch.testing.assert_close(_predict(plain, nd), _predict(plain, sm), rtol=0, atol=0)
+
+    path = tmp_path / "plain.pt"
+    torch.save({"model_config": plain.cfg.as_dict(), "state_dict": plain.state_dict()}, path)
+    with_table = Crysformer(CrysformerConfig(**small, element_embedding=True), table).eval()
+    _init_from(with_table, path)
+    for s in (nd, sm):
+        torch.testing.assert_close(_predict(with_table, s), _predict(plain, s))
+
+    # one gradient step reaches the rows of the elements present, and only those
+    with_table.train()
+    out = with_table(torch.tensor([60, 8]), torch.tensor([[0, 1], [1, 0]]),
+                     torch.tensor([[2.5, 0.0, 0.0], [-2.5, 0.0, 0.0]]),
+                     torch.zeros(2, dtype=torch.long), 1)
+    out.sum().backward()
+    grad = with_table.element_embed.weight.grad
+    assert grad[60].abs().sum() > 0 and grad[8].abs().sum() > 0
+    assert grad[62].abs().sum() == 0
+    with torch.no_grad():
+        with_table.element_embed.weight[60].normal_()
+    with_table.eval()
+    assert not torch.allclose(_predict(with_table, nd), _predict(with_table, sm))

@@ -47,6 +47,11 @@ class CrysformerConfig:
     # float32 round-off; the norm layers set it to zero instead of rescaling it to O(1)
     # (which made predictions for symmetric crystals depend on the cell's orientation).
     zero_floor: float = 1e-8
+    # A learned vector per element added to the k-hot embedding's projection. The k-hot
+    # table gives some elements identical rows (Pr, Nd, Pm, Sm, Tb; Gd, Dy, Ho, Er), which
+    # the model alone cannot tell apart. Starts at zero, so --init-from a model without it
+    # keeps that model's predictions.
+    element_embedding: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +60,8 @@ class CrysformerConfig:
 # Fields a user may set when training; targets come from the data, atom_features from
 # the embedding table.
 TUNABLE_FIELDS = ("scalars", "vectors", "tensors", "layers", "heads", "rbf", "rbf_cutoff",
-                  "lmax", "dropout", "zero_floor")
+                  "lmax", "dropout", "zero_floor", "element_embedding")
+_BOOLEAN = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 def parse_model_overrides(items: list[str]) -> dict:
@@ -71,6 +77,12 @@ def parse_model_overrides(items: list[str]) -> dict:
             raise MatcoupleError(f"model option {item!r}: expected NAME=VALUE with NAME one "
                                  f"of {', '.join(TUNABLE_FIELDS)}")
         kind = type(getattr(defaults, key))
+        if kind is bool:
+            if raw.strip().lower() not in _BOOLEAN:
+                raise MatcoupleError(f"model option {key}: {raw!r} is not one of 0, 1, "
+                                     "true, false")
+            out[key] = _BOOLEAN[raw.strip().lower()]
+            continue
         try:
             value = kind(raw) if kind is float else int(raw)
         except ValueError:
@@ -292,6 +304,10 @@ class Crysformer(nn.Module):
         self.irreps_sh = o3.Irreps.spherical_harmonics(cfg.lmax)
         self.register_buffer("atom_table", atom_table.float())
         self.embed = nn.Linear(atom_table.shape[1], cfg.scalars)
+        self.element_embed = None
+        if cfg.element_embedding:
+            self.element_embed = nn.Embedding(atom_table.shape[0], cfg.scalars)
+            nn.init.zeros_(self.element_embed.weight)
         self.rbf = GaussianRBF(cfg.rbf, cfg.rbf_cutoff)
         self.to_irreps = o3.Linear(o3.Irreps(f"{cfg.scalars}x0e"), irreps)
         self.blocks = nn.ModuleList(
@@ -329,7 +345,10 @@ class Crysformer(nn.Module):
         sh = o3.spherical_harmonics(self.irreps_sh, edge_vec, normalize=True,
                                     normalization="component")
         rbf = self.rbf(dist)
-        h = self.to_irreps(self.embed(self.atom_table[z]))
+        h0 = self.embed(self.atom_table[z])
+        if self.element_embed is not None:
+            h0 = h0 + self.element_embed(z)
+        h = self.to_irreps(h0)
         for block in self.blocks:
             h = block(h, src, dst, sh, rbf)
         scalars = self.norm(h)[:, :self.n_scalar]
