@@ -78,10 +78,11 @@ def parse_model_overrides(items: list[str]) -> dict:
                                  f"of {', '.join(TUNABLE_FIELDS)}")
         kind = type(getattr(defaults, key))
         if kind is bool:
-            if raw.strip().lower() not in _BOOLEAN:
+            word = raw.strip().lower()
+            if word not in _BOOLEAN:
                 raise MatcoupleError(f"model option {key}: {raw!r} is not one of 0, 1, "
                                      "true, false")
-            out[key] = _BOOLEAN[raw.strip().lower()]
+            out[key] = _BOOLEAN[word]
             continue
         try:
             value = kind(raw) if kind is float else int(raw)
