@@ -253,3 +253,32 @@ def test_target_weights_are_checked_and_rescaled_to_mean_one():
             _cfg(target_weights=bad)
     with pytest.raises(MatcoupleError, match="target weights"):
         parse_target_weights("2,x")
+
+
+def test_init_from_builds_the_named_models_architecture_and_refuses_to_drop_weights(
+        tmp_path):
+    """`--init-from` a model without `--model` options fine-tunes that model (here wider
+    than the defaults, with the element embedding); options that leave some of its
+    weights without a place are an error, not a silently different starting network."""
+    wide = {**TINY, "scalars": 12, "element_embedding": True}
+    train(_cfg(epochs=1, model=wide), tmp_path / "base.pt", progress=False, workers=1)
+    base = torch.load(tmp_path / "base.pt", weights_only=True)["best_state_dict"]
+    still = train(_cfg(epochs=1, model={}, lr=1e-12, ema_decay=0.0), tmp_path / "ft.pt",
+                  init_from=tmp_path / "base.pt", progress=False, workers=1)
+    assert still["model_config"]["scalars"] == 12
+    assert still["model_config"]["element_embedding"] is True
+    assert still["train_config"]["model"]["scalars"] == 12  # saved for a resume
+    for name, weight in base.items():  # at a vanishing lr it starts from every weight
+        assert torch.allclose(still["state_dict"][name], weight, atol=1e-8), name
+    resumed = train(_cfg(epochs=2, model={}), tmp_path / "ft.pt", progress=False, workers=1)
+    assert resumed["epoch"] == 2 and resumed["model_config"]["scalars"] == 12
+    with pytest.raises(MatcoupleError, match="element_embed.weight"):
+        train(_cfg(epochs=1, model={**wide, "element_embedding": False}), tmp_path / "x.pt",
+              init_from=tmp_path / "base.pt", progress=False, workers=1)
+    with pytest.raises(MatcoupleError, match=r"do not fit the model being trained \(blocks"):
+        train(_cfg(epochs=1, model={**wide, "scalars": 16}), tmp_path / "y.pt",
+              init_from=tmp_path / "base.pt", progress=False, workers=1)
+    assert not (tmp_path / "x.pt").exists() and not (tmp_path / "y.pt").exists()
+    with pytest.raises(MatcoupleError, match="no such file"):
+        train(_cfg(epochs=1), tmp_path / "z.pt", init_from=tmp_path / "nope.pt",
+              progress=False, workers=1)

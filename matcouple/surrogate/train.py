@@ -29,7 +29,12 @@ from matcouple.surrogate.batching import GlobalBatchSampler
 from matcouple.surrogate.data import load_graphs, table_hash
 from matcouple.surrogate.ema import WeightAverage
 from matcouple.surrogate.graph import GraphSpec
-from matcouple.surrogate.model import Crysformer, CrysformerConfig, parse_model_overrides
+from matcouple.surrogate.model import (
+    TUNABLE_FIELDS,
+    Crysformer,
+    CrysformerConfig,
+    parse_model_overrides,
+)
 
 CHECKPOINT_FORMAT = "crysformer-train-v1"
 MODEL_FORMAT = "crysformer-model-v1"
@@ -229,6 +234,10 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
         if state.get("data_hash") and state["data_hash"] != table_hash(Path(cfg.data)):
             raise MatcoupleError(f"{cfg.data} is not the data set {out} was trained on "
                                  "(content hash differs)")
+    if state is None and init_from is not None:
+        # fine-tuning a model means its architecture unless --model says otherwise; the
+        # merged options are saved, so a resumed run rebuilds the same model
+        cfg = replace(cfg, model={**inherited_architecture(init_from), **cfg.model})
     model_cfg = CrysformerConfig(**{**cfg.model, "targets": tuple(cfg.targets)})
     spec = GraphSpec(**cfg.graph)
     data_path = Path(cfg.data)
@@ -379,6 +388,17 @@ def _plain(d: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
+def inherited_architecture(path: Path) -> dict:
+    """The architecture options (``--model`` names) of the model or checkpoint at ``path``."""
+    if not Path(path).exists():
+        raise MatcoupleError(f"--init-from {path}: no such file")
+    saved = torch.load(path, weights_only=True, map_location="cpu").get("model_config")
+    if not isinstance(saved, dict):
+        raise MatcoupleError(f"--init-from {path}: not a Crysformer model or checkpoint "
+                             "(no model_config)")
+    return {k: saved[k] for k in TUNABLE_FIELDS if k in saved}
+
+
 def _init_from(model: Crysformer, path: Path) -> None:
     """Transfer learning: copy every matching weight, keep new heads for new targets.
 
@@ -391,9 +411,18 @@ def _init_from(model: Crysformer, path: Path) -> None:
     source = blob.get("best_state_dict") or blob["state_dict"]
     own = model.state_dict()
     copied = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
-    if "head.3.weight" in copied and list(blob["model_config"]["targets"]) != list(
-            model.cfg.targets):
+    new_targets = list(blob["model_config"]["targets"]) != list(model.cfg.targets)
+    if new_targets:
         copied = {k: v for k, v in copied.items() if not k.startswith("head.3.")}
+    # a weight of the source with no place in the model would be dropped silently and
+    # the fine-tune would start from a different network than the one named
+    left = sorted(k for k in source if k not in copied
+                  and not (new_targets and k.startswith("head.3.")))
+    if left:
+        raise MatcoupleError(
+            f"--init-from {path}: {len(left)} of its weights do not fit the model being "
+            f"trained ({', '.join(left[:4])}{', ...' if len(left) > 4 else ''}); its --model "
+            f"options are {blob['model_config']}, leave out the --model options that differ")
     model.load_state_dict(copied, strict=False)
     have = int(blob["model_config"].get("layers", len(model.blocks)))
     with torch.no_grad():
