@@ -106,6 +106,11 @@ def test_transfer_learning_to_a_new_target(tmp_path):
     tl = train(cfg, tmp_path / "tl.pt", init_from=tmp_path / "base.pt", progress=False,
                workers=1)
     assert tl["epoch"] == 1 and tl["model_config"]["targets"] == ["heat_ref"]
+    # a new target is scaled by the new set's labels, not by an unrelated source target
+    heat = torch.cat([g.y for g in load_graphs(
+        perov, ("heat_ref",), split_column="split", split="val", limit=32, workers=1,
+        progress=False).graphs])
+    assert float(tl["norm_mean"][0]) == pytest.approx(float(heat.mean()), rel=1e-5)
 
 
 def test_graph_cache_round_trip_is_exact(tmp_path, monkeypatch):
@@ -258,19 +263,26 @@ def test_target_weights_are_checked_and_rescaled_to_mean_one():
 def test_init_from_builds_the_named_models_architecture_and_refuses_to_drop_weights(
         tmp_path):
     """`--init-from` a model without `--model` options fine-tunes that model (here wider
-    than the defaults, with the element embedding); options that leave some of its
+    than the defaults, with the element embedding) on its own target scale, so it starts
+    from the model's predictions even on a small set; options that leave some of its
     weights without a place are an error, not a silently different starting network."""
     wide = {**TINY, "scalars": 12, "element_embedding": True}
     train(_cfg(epochs=1, model=wide), tmp_path / "base.pt", progress=False, workers=1)
-    base = torch.load(tmp_path / "base.pt", weights_only=True)["best_state_dict"]
-    still = train(_cfg(epochs=1, model={}, lr=1e-12, ema_decay=0.0), tmp_path / "ft.pt",
-                  init_from=tmp_path / "base.pt", progress=False, workers=1)
+    source = torch.load(tmp_path / "base.pt", weights_only=True)
+    base = source["best_state_dict"]
+    # 6 rows have other label statistics than the 24 the source was trained on
+    still = train(_cfg(epochs=1, model={}, lr=1e-12, ema_decay=0.0, limit_train=6),
+                  tmp_path / "ft.pt", init_from=tmp_path / "base.pt", progress=False,
+                  workers=1)
+    assert torch.equal(still["norm_mean"], source["norm_mean"])
+    assert torch.equal(still["norm_std"], source["norm_std"])
     assert still["model_config"]["scalars"] == 12
     assert still["model_config"]["element_embedding"] is True
     assert still["train_config"]["model"]["scalars"] == 12  # saved for a resume
     for name, weight in base.items():  # at a vanishing lr it starts from every weight
         assert torch.allclose(still["state_dict"][name], weight, atol=1e-8), name
-    resumed = train(_cfg(epochs=2, model={}), tmp_path / "ft.pt", progress=False, workers=1)
+    resumed = train(_cfg(epochs=2, model={}, limit_train=6), tmp_path / "ft.pt",
+                    progress=False, workers=1)
     assert resumed["epoch"] == 2 and resumed["model_config"]["scalars"] == 12
     with pytest.raises(MatcoupleError, match="element_embed.weight"):
         train(_cfg(epochs=1, model={**wide, "element_embedding": False}), tmp_path / "x.pt",

@@ -255,6 +255,8 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
         mean, std = state["norm_mean"], state["norm_std"]
     else:
         mean, std = ys.mean(0), ys.std(0).clamp_min(1e-6)
+        if init_from is not None:
+            mean, std = inherited_normalisation(init_from, cfg.targets, mean, std)
     table = torch.from_numpy(atom_feature_table())
     model = Crysformer(model_cfg, table).to(dev).set_fused(cfg.fused_tp, training=cfg.fused_tp)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -388,15 +390,38 @@ def _plain(d: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def inherited_architecture(path: Path) -> dict:
-    """The architecture options (``--model`` names) of the model or checkpoint at ``path``."""
+def _source(path: Path) -> dict:
+    """The model or checkpoint named by ``--init-from``, or a clear error."""
     if not Path(path).exists():
         raise MatcoupleError(f"--init-from {path}: no such file")
-    saved = torch.load(path, weights_only=True, map_location="cpu").get("model_config")
-    if not isinstance(saved, dict):
+    blob = torch.load(path, weights_only=True, map_location="cpu")
+    if not isinstance(blob.get("model_config"), dict):
         raise MatcoupleError(f"--init-from {path}: not a Crysformer model or checkpoint "
                              "(no model_config)")
+    return blob
+
+
+def inherited_architecture(path: Path) -> dict:
+    """The architecture options (``--model`` names) of the model or checkpoint at ``path``."""
+    saved = _source(path)["model_config"]
     return {k: saved[k] for k in TUNABLE_FIELDS if k in saved}
+
+
+def inherited_normalisation(path: Path, targets: tuple[str, ...], mean: torch.Tensor,
+                            std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean``/``std`` with the source model's values for the targets it already predicts:
+    its heads learned that scale, so a fine-tune on a small set starts from the source's
+    predictions instead of shifted ones; a new target keeps the new set's statistics."""
+    blob = _source(path)
+    if "norm_mean" not in blob:
+        return mean, std
+    known = list(blob["model_config"]["targets"])
+    mean, std = mean.clone(), std.clone()
+    for j, target in enumerate(targets):
+        if target in known:
+            mean[j] = blob["norm_mean"][known.index(target)]
+            std[j] = blob["norm_std"][known.index(target)]
+    return mean, std
 
 
 def _init_from(model: Crysformer, path: Path) -> None:
