@@ -234,10 +234,12 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
         if state.get("data_hash") and state["data_hash"] != table_hash(Path(cfg.data)):
             raise MatcoupleError(f"{cfg.data} is not the data set {out} was trained on "
                                  "(content hash differs)")
-    if state is None and init_from is not None:
+    # the model a fresh run fine-tunes, read once (a resumed run has its own weights)
+    source = _source(init_from) if state is None and init_from is not None else None
+    if source is not None:
         # fine-tuning a model means its architecture unless --model says otherwise; the
         # merged options are saved, so a resumed run rebuilds the same model
-        cfg = replace(cfg, model={**inherited_architecture(init_from), **cfg.model})
+        cfg = replace(cfg, model={**inherited_architecture(source), **cfg.model})
     model_cfg = CrysformerConfig(**{**cfg.model, "targets": tuple(cfg.targets)})
     spec = GraphSpec(**cfg.graph)
     data_path = Path(cfg.data)
@@ -255,8 +257,8 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
         mean, std = state["norm_mean"], state["norm_std"]
     else:
         mean, std = ys.mean(0), ys.std(0).clamp_min(1e-6)
-        if init_from is not None:
-            mean, std = inherited_normalisation(init_from, cfg.targets, mean, std)
+        if source is not None:
+            mean, std = inherited_normalisation(source, cfg.targets, mean, std)
     table = torch.from_numpy(atom_feature_table())
     model = Crysformer(model_cfg, table).to(dev).set_fused(cfg.fused_tp, training=cfg.fused_tp)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -276,8 +278,8 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
         gen.set_state(state["generator"])
         if "torch_rng" in state:  # dropout masks continue as if unbroken
             torch.set_rng_state(state["torch_rng"])
-    elif init_from is not None:
-        _init_from(model, init_from)
+    elif source is not None:
+        _init_from(model, init_from, source)
     # A run resumed with EMA newly on starts its average from the current weights.
     ema = None if cfg.ema_decay == 0 else WeightAverage(
         model, cfg.ema_decay, state.get("ema_state_dict") if state is not None else None)
@@ -401,18 +403,17 @@ def _source(path: Path) -> dict:
     return blob
 
 
-def inherited_architecture(path: Path) -> dict:
-    """The architecture options (``--model`` names) of the model or checkpoint at ``path``."""
-    saved = _source(path)["model_config"]
+def inherited_architecture(blob: dict) -> dict:
+    """The architecture options (``--model`` names) of a loaded model or checkpoint."""
+    saved = blob["model_config"]
     return {k: saved[k] for k in TUNABLE_FIELDS if k in saved}
 
 
-def inherited_normalisation(path: Path, targets: tuple[str, ...], mean: torch.Tensor,
+def inherited_normalisation(blob: dict, targets: tuple[str, ...], mean: torch.Tensor,
                             std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``mean``/``std`` with the source model's values for the targets it already predicts:
     its heads learned that scale, so a fine-tune on a small set starts from the source's
     predictions instead of shifted ones; a new target keeps the new set's statistics."""
-    blob = _source(path)
     if "norm_mean" not in blob:
         return mean, std
     known = list(blob["model_config"]["targets"])
@@ -424,15 +425,16 @@ def inherited_normalisation(path: Path, targets: tuple[str, ...], mean: torch.Te
     return mean, std
 
 
-def _init_from(model: Crysformer, path: Path) -> None:
+def _init_from(model: Crysformer, path: Path, blob: dict | None = None) -> None:
     """Transfer learning: copy every matching weight, keep new heads for new targets.
 
     A deeper model than the checkpoint's (``--model layers=N``) grows it: the blocks the
     checkpoint has are copied and the added ones start as identities (their two residual
     output projections zeroed), so training starts from the checkpoint's predictions
     instead of from a perturbed network, and the new blocks learn what is left.
+    ``blob``: the file at ``path`` when the caller has already read it.
     """
-    blob = torch.load(path, weights_only=True, map_location="cpu")
+    blob = blob if blob is not None else _source(path)
     source = blob.get("best_state_dict") or blob["state_dict"]
     own = model.state_dict()
     copied = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
