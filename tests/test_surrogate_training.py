@@ -40,10 +40,17 @@ def test_resume_is_seamless_and_seeded(tmp_path):
     full = train(_cfg(), tmp_path / "a.pt", progress=False, workers=1)
     part = train(_cfg(), tmp_path / "b.pt", progress=False, workers=1, chunk_epochs=2)
     assert part["epoch"] == 2
+    # as if the first chunk had run an hour: the log's clock runs on from there
+    saved = torch.load(tmp_path / "b.pt", weights_only=True)
+    saved["history"][-1]["elapsed_s"] = 3600.0
+    torch.save(saved, tmp_path / "b.pt")
     resumed = train(_cfg(), tmp_path / "b.pt", progress=False, workers=1)
     assert resumed["epoch"] == 3
     assert [h["train_loss"] for h in full["history"]] == pytest.approx(
         [h["train_loss"] for h in resumed["history"]], rel=1e-5)
+    clock = [h["elapsed_s"] for h in resumed["history"]]
+    assert clock[1] == 3600.0
+    assert clock[2] > 3600.0 + resumed["history"][2]["train_s"]
     state = torch.load(tmp_path / "a.pt", weights_only=True)  # safe loading works
     assert state["data_hash"] and state["train_config"]["seed"] == 7
     assert full["history"][-1]["train_loss"] < full["history"][0]["train_loss"]

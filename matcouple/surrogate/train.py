@@ -298,6 +298,9 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
     weights_d = weights.to(dev)
     budget = None if minutes is None else minutes * 60
     stopped_early, first_epoch = False, epoch  # this chunk's epochs time the next one
+    # the history's clock runs on across chunks (the generator's does too), so a resumed
+    # run's log reads as one run; budgets use this chunk's own time (start_time)
+    clock_before = history[-1]["elapsed_s"] if history else 0.0
     last_epoch = cfg.epochs if chunk_epochs is None else min(cfg.epochs, epoch + chunk_epochs)
     while epoch < last_epoch:
         model.train()
@@ -341,7 +344,7 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None,
                 mae = evaluate(model, val_loader, mean_d, std_d, dev)
         score = _score(mae, std, cfg.targets, weights)
         history.append({"epoch": epoch, "train_loss": train_loss,
-                        "elapsed_s": time.monotonic() - start_time,
+                        "elapsed_s": clock_before + time.monotonic() - start_time,
                         "train_s": epoch_s, "graphs": int(count), "gpus": ctx.world_size,
                         **{f"val_mae_{t}": v for t, v in mae.items()}, **raw})
         if progress:
