@@ -440,14 +440,14 @@ def _init_from(model: Crysformer, path: Path, blob: dict | None = None) -> None:
     blob = blob if blob is not None else _source(path)
     source = blob.get("best_state_dict") or blob["state_dict"]
     own = model.state_dict()
-    copied = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
     new_targets = list(blob["model_config"]["targets"]) != list(model.cfg.targets)
-    if new_targets:
-        copied = {k: v for k, v in copied.items() if not k.startswith("head.3.")}
+    # the output layer of other targets is replaced on purpose, not copied
+    replaced = {k for k in source if new_targets and k.startswith("head.3.")}
+    copied = {k: v for k, v in source.items() if k not in replaced and k in own
+              and own[k].shape == v.shape}
     # a weight of the source with no place in the model would be dropped silently and
     # the fine-tune would start from a different network than the one named
-    left = sorted(k for k in source if k not in copied
-                  and not (new_targets and k.startswith("head.3.")))
+    left = sorted(k for k in source if k not in copied and k not in replaced)
     if left:
         raise MatcoupleError(
             f"--init-from {path}: {len(left)} of its weights do not fit the model being "
