@@ -127,15 +127,24 @@ def test_fused_tensor_products_match_e3nn():
 
 def test_fused_model_matches_the_e3nn_reference(tiny_model, skewed):
     """Whole model, fused inference path vs the e3nn modules, in float64 (in float32 both
-    carry the model's own rounding noise, which its layer norms can amplify)."""
+    carry the model's own rounding noise, which its layer norms can amplify); both fused
+    edge paths: blocks from the messages to the weighted sum (the default for these
+    irreps) and the flat e3nn layout between the steps."""
     batch = [skewed, skewed * (2, 1, 1), Structure.from_spacegroup(
         "Fm-3m", Lattice.cubic(4.2), ["Mg", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])]
+    assert all(block._edge_blocks for block in tiny_model.blocks)
     try:
         fused = torch.cat([predict(tiny_model.set_fused(True), s) for s in batch])
+        for block in tiny_model.blocks:
+            block._edge_blocks = False
+        flat = torch.cat([predict(tiny_model, s) for s in batch])
         reference = torch.cat([predict(tiny_model.set_fused(False), s) for s in batch])
     finally:
         tiny_model.set_fused(False)
+        for block in tiny_model.blocks:
+            block._edge_blocks = True
     torch.testing.assert_close(fused, reference, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(flat, reference, rtol=1e-9, atol=1e-10)
 
 
 def _batch(structures: list[Structure]) -> tuple:

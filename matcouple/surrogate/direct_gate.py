@@ -17,8 +17,10 @@ from e3nn.nn import Gate
 def _columns(part: torch.Tensor) -> slice | torch.Tensor:
     """The input columns an extracted part reads (from the part of an identity matrix):
     a slice when they are one increasing run, else an index tensor."""
+    if not part.shape[-1]:
+        return slice(0, 0)
     cols = part.argmax(dim=0)
-    if cols.numel() and bool((cols.diff() == 1).all()):
+    if bool((cols.diff() == 1).all()):
         return slice(int(cols[0]), int(cols[-1]) + 1)
     return cols
 
@@ -42,6 +44,9 @@ class DirectGate:
         self._blocks = [(mul, ir.dim) for mul, ir in gate.irreps_gated]
         if gate.irreps_gates.num_irreps != sum(mul for mul, _ in self._blocks):
             raise ValueError("each gated irrep needs exactly one gate")
+        # on_blocks needs the scalars and gates as column runs of the scalar input
+        self.takes_blocks = all(isinstance(c, slice) for c in (self._scalars, self._gates)) \
+            and len({ir for _, ir in gate.irreps_gated}) == len(self._blocks)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         scalars = self.gate.act_scalars(_take(x, self._scalars))
@@ -56,3 +61,21 @@ class DirectGate:
             out.append((block * gates[..., g:g + mul, None]).reshape(*lead, mul * dim))
             col, g = col + mul * dim, g + mul
         return torch.cat(out, dim=-1)
+
+    def on_blocks(self, scalar_in: torch.Tensor, gated: list[torch.Tensor]
+                  ) -> list[torch.Tensor]:
+        """The gate on component-major blocks (the fused tensor products' layout):
+        ``scalar_in`` (n, scalars + gates) holds the gate's scalar input columns, ``gated``
+        one (n, components, channels) block per gated irrep, in order; returns the
+        activated scalars as (n, 1, channels) followed by the gated blocks."""
+        if not self.takes_blocks:
+            raise ValueError("this gate's scalars and gates are not column runs")
+        scalars = self.gate.act_scalars(scalar_in[:, self._scalars])
+        out = [scalars.unsqueeze(1)]
+        if self._blocks:
+            gates = self.gate.act_gates(scalar_in[:, self._gates])
+            g = 0
+            for (mul, _), block in zip(self._blocks, gated, strict=True):
+                out.append(block * gates[:, None, g:g + mul])
+                g += mul
+        return out

@@ -251,6 +251,23 @@ class AttentionBlock(nn.Module):
         # the edges' gate, e3nn's Gate stays the reference)
         self._direct_value_gate = DirectGate(self.value_gate)
         self._direct_ffn_gate = DirectGate(self.ffn_gate)
+        # the edge side kept in component-major blocks from the messages to the weighted
+        # sum (no e3nn layout in between) when the layouts line up, as they do for the
+        # irreps node_irreps() makes
+        self._edge_blocks = self._blocks_line_up()
+
+    def _blocks_line_up(self) -> bool:
+        """Whether the fused edge path can pass blocks: the messages' output types are the
+        scalars then the gated irreps in the gate's order, and the gate's output blocks
+        are the value product's input blocks one to one."""
+        gate = self.value_gate
+        msg_types = [ir for _, ir in self.lin_f.irreps_out.simplify()]
+        gated = [ir for _, ir in gate.irreps_gated]
+        gate_out = [(mul, ir) for mul, ir in (gate.irreps_scalars + gate.irreps_gated)]
+        return (self._direct_value_gate.takes_blocks and msg_types[0] == o3.Irrep("0e")
+                and msg_types[1:] == gated
+                and [ir for _, ir in gate.irreps_scalars] == [o3.Irrep("0e")]
+                and gate_out == [(mul, ir) for mul, ir in self.tp_val.irreps_in1])
 
     @staticmethod
     def _head_split(irreps: o3.Irreps, heads: int) -> list[tuple[int, int, int]]:
@@ -270,6 +287,34 @@ class AttentionBlock(nn.Module):
             start += mul * dim
         return torch.cat(out, dim=-1)
 
+    def _weighted_sum_blocks(self, v: list[torch.Tensor], alpha: torch.Tensor,
+                             dst: torch.Tensor, n: int) -> torch.Tensor:
+        """:meth:`_weighted_sum` on component-major blocks (E, components, channels);
+        the node-side result in e3nn's flat layout."""
+        out = []
+        for block in v:
+            e, dim, mul = block.shape
+            w = block.view(e, dim, self.heads, mul // self.heads) * alpha[:, None, :, None]
+            s = scatter(w, dst, dim=0, dim_size=n, reduce="sum")
+            out.append(s.view(n, dim, mul).transpose(1, 2).reshape(n, mul * dim))
+        return torch.cat(out, dim=-1)
+
+    def _attend_blocks(self, hn: torch.Tensor, edge_src: torch.Tensor,
+                       edge_dst: torch.Tensor, sh: torch.Tensor, rbf: torch.Tensor
+                       ) -> torch.Tensor:
+        """Eqs. 2-7 and the weighted sum on the fused path, edges kept in blocks."""
+        n = hn.shape[0]
+        x = self.lin_dst(hn)[edge_dst] + self.lin_src(hn)[edge_src]          # (2)
+        msg = self._fused_msg
+        f = msg.forward_blocks(msg.split_input(x), sh, self.rbf_mlp(rbf))     # (3)
+        f0 = f[0].view(f[0].shape[0], -1)
+        zeta = (nn.functional.leaky_relu(f0[:, :self.n_att].reshape(-1, self.heads, 16),
+                                         0.2) * self.alpha).sum(-1)           # (4)
+        alpha = self.att_drop(softmax(zeta, edge_dst, num_nodes=n))           # (5)
+        mu = self._direct_value_gate.on_blocks(f0[:, self.n_att:], f[1:])    # (6)
+        v = self._fused_val.forward_blocks(mu, sh)                            # (7)
+        return self._weighted_sum_blocks(v, alpha, edge_dst, n)
+
     def _use_fused(self) -> bool:
         """Inference fusion without autograd; the training switch with autograd too."""
         return self.fused_training or (self.fused and not torch.is_grad_enabled())
@@ -288,12 +333,17 @@ class AttentionBlock(nn.Module):
     def forward(self, h, edge_src, edge_dst, sh, rbf):
         n = h.shape[0]
         hn = self.norm1(h)
+        fused = self._use_fused()
+        if fused and self._edge_blocks:
+            h = h + self.drop(self.lin_out(self._attend_blocks(hn, edge_src, edge_dst, sh,
+                                                               rbf)))
+            ff = self.ffn_out(self._direct_ffn_gate(self.ffn_in(self.norm2(h))))
+            return h + self.drop(ff)
         x = self.lin_dst(hn)[edge_dst] + self.lin_src(hn)[edge_src]          # (2)
         f = self._messages(x, sh, self.rbf_mlp(rbf))                          # (3)
         f0 = f[:, :self.n_att].reshape(-1, self.heads, 16)
         zeta = (nn.functional.leaky_relu(f0, 0.2) * self.alpha).sum(-1)      # (4)
         alpha = self.att_drop(softmax(zeta, edge_dst, num_nodes=n))           # (5)
-        fused = self._use_fused()
         mu = (self._direct_value_gate if fused else self.value_gate)(f[:, self.n_att:])  # (6)
         v = self._values(mu, sh)                                              # (7)
         h = h + self.drop(self.lin_out(self._weighted_sum(v, alpha, edge_dst, n)))  # (8)
