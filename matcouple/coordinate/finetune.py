@@ -55,10 +55,10 @@ from matcouple.surrogate.data import load_graphs
 from matcouple.surrogate.graph import GraphSpec, structure_to_graph
 from matcouple.surrogate.model import have_dropout
 from matcouple.surrogate.predict import (
-    NON_NEGATIVE,
     SurrogatePredictor,
     ensemble_value_and_sigma,
     load_model,
+    non_negative_rows,
 )
 from matcouple.surrogate.train import _atomic_save, _lr_factor, train_epoch
 from matcouple.surrogate.uncertainty import cross_fitted_calibration
@@ -293,9 +293,10 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
         config = replace(config, mc_samples=0)
     mode = ("value+" if value is not None else "") + f"ensemble{len(models)}" + (
         f"+mc{config.mc_samples}" if config.mc_samples else "")
+    floors = non_negative_rows(eval_graphs, targets)
     current_mean, _ = ensemble_value_and_sigma(*ensemble_outputs(
         models, blobs, value, eval_graphs, device, config.mc_samples), targets,
-        card_weights(card.get("calibration", {}).get(mode, {}), targets))
+        card_weights(card.get("calibration", {}).get(mode, {}), targets), floors)
     current_metrics = score(current_mean, truth, len(val), targets)
     lap("evaluate_current")
 
@@ -335,8 +336,8 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     # buffer's hold-out still judges the new models on data nothing was fitted to
     weights, blends = fit_value_blend(
         point[: len(val)], preds[:, : len(val)], variances[:, : len(val)],
-        truth[: len(val)], targets, NON_NEGATIVE) if point is not None else (None, {})
-    mean, sigma = ensemble_value_and_sigma(preds, variances, point, targets, weights)
+        truth[: len(val)], targets, floors[: len(val)]) if point is not None else (None, {})
+    mean, sigma = ensemble_value_and_sigma(preds, variances, point, targets, weights, floors)
     new_metrics = score(mean, truth, len(val), targets)
     calibration: dict[str, Any] = {"n": len(eval_graphs)}
     for j, t in enumerate(targets):

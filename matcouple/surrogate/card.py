@@ -18,9 +18,9 @@ import torch
 from matcouple.settings import get_settings
 from matcouple.surrogate.data import load_graphs
 from matcouple.surrogate.predict import (
-    NON_NEGATIVE,
     SurrogatePredictor,
     ensemble_value_and_sigma,
+    non_negative_rows,
 )
 from matcouple.surrogate.uncertainty import cross_fitted_calibration
 from matcouple.surrogate.value_blend import fit_value_blend
@@ -100,11 +100,12 @@ def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet
         means, variances, point = predictor.outputs(subset)
         y = truth[: len(subset)]
         for use_value in ([False, True] if value_model else [False]):
+            floors = non_negative_rows(subset, targets)
             weights, blends = fit_value_blend(point, means, variances, y, targets,
-                                              NON_NEGATIVE) if use_value else (None, {})
+                                              floors) if use_value else (None, {})
             mean, sigma = ensemble_value_and_sigma(means, variances,
                                                    point if use_value else None, targets,
-                                                   weights)
+                                                   weights, floors)
             errors = mean - y
             mode = ("value+" if use_value else "") + predictor.mode.removeprefix("value+")
             card["calibration"][mode] = {"n": len(subset)}

@@ -40,6 +40,25 @@ from matcouple.surrogate.uncertainty import combine, spread_around
 from matcouple.surrogate.value_blend import blend, card_weights
 
 NON_NEGATIVE = {"band_gap"}
+# Never negative for a crystal of one element: MP measures formation energy from the most
+# stable phase of each element (all 387 elemental crystals of MP 2018 have E_f >= 0).
+NON_NEGATIVE_IF_ELEMENTAL = {"formation_energy_per_atom"}
+
+
+def _element_count(graph: Data | dict) -> int:
+    z = graph["z"] if isinstance(graph, dict) else graph.z
+    return int(np.unique(np.asarray(z)).size)
+
+
+def non_negative_rows(graphs: Sequence[Data | dict], targets: Sequence[str]) -> np.ndarray:
+    """(N, targets) bool: where a value cannot be below zero, so a prediction below it is
+    clipped -- the band gap of every crystal, the formation energy of a crystal of one
+    element."""
+    single = np.array([_element_count(g) == 1 for g in graphs], dtype=bool)
+    every = np.ones(len(graphs), dtype=bool)
+    cols = [every if t in NON_NEGATIVE else single if t in NON_NEGATIVE_IF_ELEMENTAL
+            else ~every for t in targets]
+    return np.stack(cols, axis=1) if cols else np.zeros((len(graphs), 0), dtype=bool)
 
 
 @dataclass
@@ -81,13 +100,15 @@ def _compact_graph_or_error(item: CompactCrystal | Structure, spec: GraphSpec) -
 
 def ensemble_value_and_sigma(means: np.ndarray, variances: np.ndarray,
                              point: np.ndarray | None, targets: Sequence[str],
-                             ensemble_weight: Sequence[float] | None = None
+                             ensemble_weight: Sequence[float] | None = None,
+                             non_negative: np.ndarray | None = None
                              ) -> tuple[np.ndarray, np.ndarray]:
     """Value and raw sigma (N, targets): the mixture's mean and spread, or, with a value
     model's ``point`` prediction, that prediction and the mixture's spread about it.
     ``ensemble_weight`` (per target, from the card; :mod:`value_blend`) first moves the
-    point that fraction of the way to the mixture's mean. Values of targets that cannot be
-    negative (band gap) are clipped at zero."""
+    point that fraction of the way to the mixture's mean. Values that cannot be negative
+    are clipped at zero: where ``non_negative`` (:func:`non_negative_rows`) says so, else
+    the targets in :data:`NON_NEGATIVE` (band gap)."""
     if point is None:
         value, sigma = combine(means, variances)
     else:
@@ -95,10 +116,9 @@ def ensemble_value_and_sigma(means: np.ndarray, variances: np.ndarray,
             point = blend(point, combine(means, variances)[0],
                           np.asarray(ensemble_weight, dtype=float)[None])
         value, sigma = point.copy(), spread_around(point, means, variances)
-    for j, t in enumerate(targets):
-        if t in NON_NEGATIVE:
-            value[:, j] = np.maximum(value[:, j], 0.0)
-    return value, sigma
+    if non_negative is None:
+        non_negative = np.array([t in NON_NEGATIVE for t in targets], dtype=bool)[None]
+    return np.where(non_negative, np.maximum(value, 0.0), value), sigma
 
 
 class SurrogatePredictor:
@@ -302,7 +322,8 @@ class SurrogatePredictor:
                        ) -> tuple[np.ndarray, np.ndarray]:
         """Mean and calibrated sigma, each (N, targets), in physical units."""
         mean, sigma = ensemble_value_and_sigma(*self.outputs(graphs, batch_size),
-                                               self.targets, self.ensemble_weight)
+                                               self.targets, self.ensemble_weight,
+                                               non_negative_rows(graphs, self.targets))
         for j, t in enumerate(self.targets):
             sigma[:, j] *= self.scales[t]
         return mean, sigma

@@ -19,11 +19,25 @@ from matcouple.surrogate.uncertainty import combine, seeded_halves
 WEIGHT_GRID = np.linspace(0.0, 0.5, 51)
 
 
-def blend(point: np.ndarray, ensemble_mean: np.ndarray, weight, non_negative=False
-          ) -> np.ndarray:
-    """point + weight (ensemble_mean - point), clipped at zero for a non-negative target."""
-    value = point + np.asarray(weight) * (ensemble_mean - point)
+NonNegative = bool | np.ndarray  # for a whole target, or per row (a bool array)
+
+
+def floor_at_zero(value: np.ndarray, non_negative: NonNegative) -> np.ndarray:
+    """``value`` clipped at zero where it cannot be negative."""
+    if isinstance(non_negative, np.ndarray):
+        return np.where(non_negative, np.maximum(value, 0.0), value)
     return np.maximum(value, 0.0) if non_negative else value
+
+
+def _rows(non_negative: NonNegative, index) -> NonNegative:
+    return non_negative[index] if isinstance(non_negative, np.ndarray) else non_negative
+
+
+def blend(point: np.ndarray, ensemble_mean: np.ndarray, weight,
+          non_negative: NonNegative = False) -> np.ndarray:
+    """point + weight (ensemble_mean - point), clipped at zero where it cannot be negative
+    (a whole target, e.g. the band gap, or the rows a bool array marks)."""
+    return floor_at_zero(point + np.asarray(weight) * (ensemble_mean - point), non_negative)
 
 
 def _mae(point, ensemble_mean, y, weight, non_negative) -> float:
@@ -31,19 +45,20 @@ def _mae(point, ensemble_mean, y, weight, non_negative) -> float:
 
 
 def fit_weight(point: np.ndarray, ensemble_mean: np.ndarray, y: np.ndarray,
-               non_negative: bool = False) -> float:
+               non_negative: NonNegative = False) -> float:
     """The fraction on :data:`WEIGHT_GRID` with the lowest MAE (rows with a label only);
     0 (the value model alone) when nothing is better or there is nothing to fit."""
     known = ~np.isnan(y)
     if not known.any():
         return 0.0
     p, e, t = point[known], ensemble_mean[known], y[known]
-    maes = [_mae(p, e, t, w, non_negative) for w in WEIGHT_GRID]
+    floor = _rows(non_negative, known)
+    maes = [_mae(p, e, t, w, floor) for w in WEIGHT_GRID]
     return float(WEIGHT_GRID[int(np.argmin(maes))])  # argmin: the smallest of ties
 
 
 def held_out_values(point: np.ndarray, ensemble_mean: np.ndarray, y: np.ndarray,
-                    non_negative: bool = False, seed: int = 0) -> np.ndarray:
+                    non_negative: NonNegative = False, seed: int = 0) -> np.ndarray:
     """Each row's blended value with the fraction fitted on the *other* seeded half of the
     rows: what the blend does on data it was not fitted to (rows without a label: NaN)."""
     known = np.flatnonzero(~np.isnan(y))
@@ -51,32 +66,38 @@ def held_out_values(point: np.ndarray, ensemble_mean: np.ndarray, y: np.ndarray,
     halves = seeded_halves(len(known), seed)
     for fit, test in (halves, halves[::-1]):
         w = fit_weight(point[known[fit]], ensemble_mean[known[fit]], y[known[fit]],
-                       non_negative)
+                       _rows(non_negative, known[fit]))
         out[known[test]] = blend(point[known[test]], ensemble_mean[known[test]], w,
-                                 non_negative)
+                                 _rows(non_negative, known[test]))
     return out
 
 
 def cross_fitted_weight(point: np.ndarray, ensemble_mean: np.ndarray, y: np.ndarray,
-                        non_negative: bool = False, seed: int = 0) -> dict[str, float]:
+                        non_negative: NonNegative = False, seed: int = 0
+                        ) -> dict[str, float]:
     """The fraction fitted on all rows (what is shipped) and the MAE it gives on each half
     when fitted on the other (what is reported), beside the value model's own MAE there."""
     known = ~np.isnan(y)
     held = held_out_values(point, ensemble_mean, y, non_negative, seed)[known]
     p, e, t = point[known], ensemble_mean[known], y[known]
-    own = np.maximum(p, 0.0) if non_negative else p
-    return {"ensemble_weight": fit_weight(p, e, t, non_negative),
+    floor = _rows(non_negative, known)
+    own = floor_at_zero(p, floor)
+    return {"ensemble_weight": fit_weight(p, e, t, floor),
             "held_out_mae": float(np.abs(held - t).mean()) if len(t) else float("nan"),
             "value_model_mae": float(np.abs(own - t).mean()) if len(t) else float("nan")}
 
 
 def fit_value_blend(point: np.ndarray, member_means: np.ndarray, member_vars: np.ndarray,
-                    y: np.ndarray, targets: Sequence[str], non_negative: set[str]
+                    y: np.ndarray, targets: Sequence[str], non_negative: set[str] | np.ndarray
                     ) -> tuple[list[float], dict[str, dict[str, float]]]:
     """Per-target fractions for :func:`matcouple.surrogate.predict.ensemble_value_and_sigma`
-    and, per target, the report of :func:`cross_fitted_weight`."""
+    and, per target, the report of :func:`cross_fitted_weight`. ``non_negative``: the
+    targets that are never negative, or an (N, targets) bool array of the values that are
+    not (:func:`matcouple.surrogate.predict.non_negative_rows`)."""
     mix, _ = combine(member_means, member_vars)
-    report = {t: cross_fitted_weight(point[:, j], mix[:, j], y[:, j], t in non_negative)
+    floors = [non_negative[:, j] if isinstance(non_negative, np.ndarray)
+              else t in non_negative for j, t in enumerate(targets)]
+    report = {t: cross_fitted_weight(point[:, j], mix[:, j], y[:, j], floors[j])
               for j, t in enumerate(targets)}
     return [report[t]["ensemble_weight"] for t in targets], report
 
