@@ -308,9 +308,7 @@ class AttentionBlock(nn.Module):
         msg = self._fused_msg
         f = msg.forward_blocks(msg.split_input(x), sh, self.rbf_mlp(rbf))     # (3)
         f0 = f[0].view(f[0].shape[0], -1)
-        zeta = (nn.functional.leaky_relu(f0[:, :self.n_att].reshape(-1, self.heads, 16),
-                                         0.2) * self.alpha).sum(-1)           # (4)
-        alpha = self.att_drop(softmax(zeta, edge_dst, num_nodes=n))           # (5)
+        alpha = self._attention(f0[:, :self.n_att], edge_dst, n)              # (4-5)
         mu = self._direct_value_gate.on_blocks(f0[:, self.n_att:], f[1:])    # (6)
         v = self._fused_val.forward_blocks(mu, sh)                            # (7)
         return self._weighted_sum_blocks(v, alpha, edge_dst, n)
@@ -330,23 +328,33 @@ class AttentionBlock(nn.Module):
             return self._fused_msg(x, sh, weight)
         return self.lin_f(self.tp_msg(x, sh, weight))
 
+    def _attention(self, f_att: torch.Tensor, edge_dst: torch.Tensor, n: int
+                   ) -> torch.Tensor:
+        """Attention weights (E, heads) from the messages' attention scalars (eqs. 4-5)."""
+        zeta = (nn.functional.leaky_relu(f_att.reshape(-1, self.heads, 16), 0.2)
+                * self.alpha).sum(-1)
+        return self.att_drop(softmax(zeta, edge_dst, num_nodes=n))
+
+    def _attend_flat(self, hn: torch.Tensor, edge_src: torch.Tensor, edge_dst: torch.Tensor,
+                     sh: torch.Tensor, rbf: torch.Tensor, fused: bool) -> torch.Tensor:
+        """Eqs. 2-7 and the weighted sum in e3nn's flat layout (the reference path, and the
+        fused one for layouts that do not line up for blocks)."""
+        n = hn.shape[0]
+        x = self.lin_dst(hn)[edge_dst] + self.lin_src(hn)[edge_src]          # (2)
+        f = self._messages(x, sh, self.rbf_mlp(rbf))                          # (3)
+        alpha = self._attention(f[:, :self.n_att], edge_dst, n)               # (4-5)
+        mu = (self._direct_value_gate if fused else self.value_gate)(f[:, self.n_att:])  # (6)
+        v = self._values(mu, sh)                                              # (7)
+        return self._weighted_sum(v, alpha, edge_dst, n)
+
     def forward(self, h, edge_src, edge_dst, sh, rbf):
-        n = h.shape[0]
         hn = self.norm1(h)
         fused = self._use_fused()
         if fused and self._edge_blocks:
-            h = h + self.drop(self.lin_out(self._attend_blocks(hn, edge_src, edge_dst, sh,
-                                                               rbf)))
-            ff = self.ffn_out(self._direct_ffn_gate(self.ffn_in(self.norm2(h))))
-            return h + self.drop(ff)
-        x = self.lin_dst(hn)[edge_dst] + self.lin_src(hn)[edge_src]          # (2)
-        f = self._messages(x, sh, self.rbf_mlp(rbf))                          # (3)
-        f0 = f[:, :self.n_att].reshape(-1, self.heads, 16)
-        zeta = (nn.functional.leaky_relu(f0, 0.2) * self.alpha).sum(-1)      # (4)
-        alpha = self.att_drop(softmax(zeta, edge_dst, num_nodes=n))           # (5)
-        mu = (self._direct_value_gate if fused else self.value_gate)(f[:, self.n_att:])  # (6)
-        v = self._values(mu, sh)                                              # (7)
-        h = h + self.drop(self.lin_out(self._weighted_sum(v, alpha, edge_dst, n)))  # (8)
+            attended = self._attend_blocks(hn, edge_src, edge_dst, sh, rbf)
+        else:
+            attended = self._attend_flat(hn, edge_src, edge_dst, sh, rbf, fused)
+        h = h + self.drop(self.lin_out(attended))                             # (8)
         ff = self.ffn_out((self._direct_ffn_gate if fused else self.ffn_gate)(
             self.ffn_in(self.norm2(h))))
         return h + self.drop(ff)
