@@ -30,6 +30,7 @@ from matcouple.structures.io import structure_from_text
 from matcouple.surrogate.graph import GraphSpec
 from matcouple.surrogate.predict import SurrogatePredictor
 from matcouple.surrogate.train import masked_l1
+from matcouple.surrogate.value_blend import value_model_names
 
 CI = get_settings().data_dir / get_settings().datasets["mp2018-ci"]
 FULL = get_settings().data_dir / get_settings().datasets["mp2018"]
@@ -137,10 +138,11 @@ def test_finetune_end_to_end_through_rlaunch(db, env, launchpad_config, tmp_path
     predictor = SurrogatePredictor.default(model_dir=folder, device="cpu")
     assert predictor.version == version and predictor.calibrated
     shipped = json.loads((get_settings().surrogate_model_dir / "model_card.json").read_text())
-    if shipped.get("value_model"):  # the value model was fine-tuned and travels with it
-        name = shipped["value_model"]
+    names = value_model_names(shipped)
+    if names:
+        assert predictor.mode.startswith("value") and len(predictor.values) == len(names)
+    for name in names:  # each value model was fine-tuned and travels with the members
         assert name in {f["name"] for f in doc["files"]}
-        assert predictor.mode.startswith("value+") and predictor.value is not None
         before = torch.load(get_settings().surrogate_model_dir / name, weights_only=True)
         after = torch.load(folder / name, weights_only=True)
         assert after["finetune"]["parent"] == doc["parent"]

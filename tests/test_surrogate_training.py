@@ -301,3 +301,46 @@ def test_init_from_builds_the_named_models_architecture_and_refuses_to_drop_weig
     with pytest.raises(MatcoupleError, match="no such file"):
         train(_cfg(epochs=1), tmp_path / "z.pt", init_from=tmp_path / "nope.pt",
               progress=False, workers=1)
+
+
+def test_model_card_fits_a_value_pair_and_its_fast_mode_skips_the_members(tmp_path):
+    from matcouple.surrogate.card import build_model_card
+    from matcouple.surrogate.uncertainty import with_floor
+
+    folder = tmp_path / "models"
+    for seed, dropout, name in ((1, 0.1, "crysformer-t-s1.pt"), (2, 0.1, "crysformer-t-s2.pt"),
+                                (3, 0.0, "value-t.pt"), (4, 0.0, "value-u.pt")):
+        cfg = _cfg(epochs=1, seed=seed, model={**TINY, "dropout": dropout})
+        train(cfg, tmp_path / f"{seed}.ckpt", progress=False, workers=1)
+        export_model(tmp_path / f"{seed}.ckpt", folder / name)
+    card = build_model_card(folder, CI, split_column="ci_split", mc_samples=2, device="cpu",
+                            value_model=["value-t.pt", "value-u.pt"], progress=False)
+    assert card["members"] == ["crysformer-t-s1.pt", "crysformer-t-s2.pt"]
+    assert card["value_models"] == ["value-t.pt", "value-u.pt"] and "value_model" not in card
+    assert set(card["calibration"]) == {"ensemble2", "ensemble2+mc2", "value2",
+                                        "value2+ensemble2+mc2"}
+    assert card["default_mode"] == "value2+ensemble2+mc2"
+    for t in ("formation_energy_per_atom", "band_gap"):
+        w = card["value_weights"][t]
+        assert len(w) == 2 and sum(w) == pytest.approx(1.0) and min(w) >= 0
+        assert card["calibration"]["value2"][t]["floor"] >= 0
+        assert "floor" not in card["calibration"]["value2+ensemble2+mc2"][t]
+    fast = SurrogatePredictor.default(model_dir=folder, device="cpu", mc_samples=0)
+    assert fast.mode == "value2" and fast.calibrated
+    graphs = load_graphs(CI, ("formation_energy_per_atom", "band_gap"),
+                         split_column="ci_split", split="val", spec=fast.spec,
+                         progress=False).graphs
+    truth = torch.cat([g.y for g in graphs]).numpy()
+    mean, sigma = fast.predict_graphs(graphs)
+    # the card's value2 figures are what the predictor gives on the same rows
+    for j, t in enumerate(("formation_energy_per_atom", "band_gap")):
+        entry = card["calibration"]["value2"][t]
+        assert entry["mae"] == pytest.approx(float(np.abs(mean[:, j] - truth[:, j]).mean()),
+                                             rel=1e-4)
+        preds = fast.raw_outputs(graphs, members=False)[2][:, :, j]
+        point = preds.T @ np.array(card["value_weights"][t])
+        spread = np.sqrt(((preds - point[None]) ** 2).mean(0))
+        assert sigma[:, j] == pytest.approx(entry["scale"] * with_floor(
+            spread, entry["floor"]), rel=1e-4)
+    slow = SurrogatePredictor.default(model_dir=folder, device="cpu", mc_samples=2)
+    assert slow.mode == "value2+ensemble2+mc2" and slow.calibrated

@@ -58,11 +58,12 @@ from matcouple.surrogate.predict import (
     SurrogatePredictor,
     ensemble_value_and_sigma,
     load_model,
+    mode_name,
     non_negative_rows,
 )
 from matcouple.surrogate.train import _atomic_save, _lr_factor, train_epoch
 from matcouple.surrogate.uncertainty import cross_fitted_calibration
-from matcouple.surrogate.value_blend import card_weights, fit_value_blend
+from matcouple.surrogate.value_blend import card_weights, fit_value_blend, value_model_names
 
 log = logging.getLogger(__name__)
 PROMOTION_TARGET = "formation_energy_per_atom"
@@ -167,14 +168,16 @@ def entry_graphs(entries: list[dict], spec: GraphSpec, targets: tuple[str, ...]
 
 # ---------------------------------------------------------------- evaluation
 @torch.no_grad()
-def ensemble_outputs(models: list, blobs: list[dict], value: tuple | None,
+def ensemble_outputs(models: list, blobs: list[dict], values: list[tuple],
                      graphs: list[Data], device: torch.device, mc_samples: int,
-                     batch_size: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                     batch_size: int = 128, card: dict | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Each member's mean and MC variance in physical units, (M, N, T) each, in the mode
     the design policy predicts with (``mc_samples`` MC-dropout passes; 0 = dropout off),
-    and the value model's prediction (N, T) when there is one (else None)."""
-    predictor = SurrogatePredictor.from_models(models, blobs, device=device,
-                                               mc_samples=mc_samples, value=value)
+    and the value model's (a value pair's, weighted as ``card`` says) prediction (N, T)
+    when there is one (else None); :meth:`SurrogatePredictor.outputs`."""
+    predictor = SurrogatePredictor.from_models(models, blobs, device=device, card=card,
+                                               mc_samples=mc_samples, value=list(values))
     return predictor.outputs(graphs, batch_size)
 
 
@@ -258,8 +261,8 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     members = [load_model(base_dir / m, device) for m in card["members"]]
     models, blobs = [m for m, _ in members], [b for _, b in members]
-    value_name = card.get("value_model")
-    value = load_model(base_dir / value_name, device) if value_name else None
+    value_names = value_model_names(card)
+    values = [load_model(base_dir / name, device) for name in value_names]
     targets = tuple(blobs[0]["model_config"]["targets"])
     spec = GraphSpec(**blobs[0]["graph_spec"])
     lap("load_model")
@@ -291,11 +294,11 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     truth = torch.cat([g.y for g in eval_graphs]).numpy()
     if config.mc_samples and not have_dropout(models):  # no MC spread: score the ensemble
         config = replace(config, mc_samples=0)
-    mode = ("value+" if value is not None else "") + f"ensemble{len(models)}" + (
-        f"+mc{config.mc_samples}" if config.mc_samples else "")
+    mode = mode_name(len(models), len(values), config.mc_samples)
+    pair_only = mode == f"value{len(values)}" and len(values) > 1
     floors = non_negative_rows(eval_graphs, targets)
     current_mean, _ = ensemble_value_and_sigma(*ensemble_outputs(
-        models, blobs, value, eval_graphs, device, config.mc_samples), targets,
+        models, blobs, values, eval_graphs, device, config.mc_samples, card=card), targets,
         card_weights(card.get("calibration", {}).get(mode, {}), targets), floors)
     current_metrics = score(current_mean, truth, len(val), targets)
     lap("evaluate_current")
@@ -304,8 +307,8 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     torch.manual_seed(config.seed)
     new_blobs = []
     jobs = list(zip(models, blobs, card["members"], strict=True))
-    if value is not None:  # the value model learns from the buffer like the members
-        jobs.append((value[0], value[1], value_name))
+    # the value models learn from the buffer like the members
+    jobs += [(v[0], v[1], name) for v, name in zip(values, value_names, strict=True)]
     bar = tqdm(jobs, desc="fine-tune", unit="model", disable=not config.progress)
     for k, (model, blob, _name) in enumerate(bar):
         gen = torch.Generator().manual_seed(config.seed + k)
@@ -329,22 +332,26 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
                           "finetune": {"parent": parent, "epochs": config.epochs,
                                        "lr": config.lr, "train_losses": losses}})
     lap("train")
-    new_value = (value[0], new_blobs.pop()) if value is not None else None
-    preds, variances, point = ensemble_outputs(models, new_blobs, new_value, eval_graphs,
-                                               device, config.mc_samples)
+    new_values = [(v[0], b) for v, b in zip(values, new_blobs[len(models):], strict=True)]
+    new_blobs = new_blobs[:len(models)]
+    # a value pair keeps its card weights; with dropout off it is also the "ensemble"
+    preds, variances, point = ensemble_outputs(models, new_blobs, new_values, eval_graphs,
+                                               device, config.mc_samples, card=card)
     # the value model's step towards the ensemble is refitted on the val slice only, so the
     # buffer's hold-out still judges the new models on data nothing was fitted to
     weights, blends = fit_value_blend(
         point[: len(val)], preds[:, : len(val)], variances[:, : len(val)],
-        truth[: len(val)], targets, floors[: len(val)]) if point is not None else (None, {})
+        truth[: len(val)], targets, floors[: len(val)]) \
+        if point is not None and not pair_only else (None, {})
     mean, sigma = ensemble_value_and_sigma(preds, variances, point, targets, weights, floors)
     new_metrics = score(mean, truth, len(val), targets)
     calibration: dict[str, Any] = {"n": len(eval_graphs)}
     for j, t in enumerate(targets):
         known = ~np.isnan(truth[:, j])
         errors = mean[known, j] - truth[known, j]
-        cal = cross_fitted_calibration(errors, sigma[known, j])
-        calibration[t] = {"scale": cal["scale"], "mae": float(np.abs(errors).mean()),
+        cal = cross_fitted_calibration(errors, sigma[known, j], floor=pair_only)
+        calibration[t] = {**{k: v for k, v in cal.items() if k in ("scale", "floor")},
+                          "mae": float(np.abs(errors).mean()),
                           "held_out": cal["held_out"], "uncalibrated": cal["uncalibrated"],
                           **blends.get(t, {})}
     metrics = {"val": new_metrics["val"], "holdout": new_metrics["holdout"],
@@ -365,7 +372,9 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
         "calibration_note": f"recalibrated after fine-tuning ({mode} only; other modes "
                             "are uncalibrated)",
         "val_mae": {mode: new_metrics["val"]}, "default_mode": mode,
-        "member_val_mae": [_mae(p[: len(val)], truth[: len(val)], targets) for p in preds],
+        # with a value pair and dropout off the members were not run
+        "member_val_mae": card.get("member_val_mae") if pair_only else [
+            _mae(p[: len(val)], truth[: len(val)], targets) for p in preds],
         "member_epochs": [b["epochs_trained"] for b in new_blobs],
         **({"value_model_val_mae": _mae(point[: len(val)], truth[: len(val)], targets)}
            if point is not None else {}),
@@ -376,8 +385,8 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
         out = Path(tmp)
         for name, blob in zip(card["members"], new_blobs, strict=True):
             _atomic_save(blob, out / name)
-        if new_value is not None:
-            _atomic_save(new_value[1], out / value_name)
+        for name, (_, blob) in zip(value_names, new_values, strict=True):
+            _atomic_save(blob, out / name)
         (out / "model_card.json").write_text(json.dumps(new_card, indent=1, default=str))
         metrics["elapsed_s"] = time.monotonic() - start
         version = registry.register(out, metrics=metrics, parent=parent, data=data)

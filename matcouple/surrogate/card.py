@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,15 @@ from matcouple.surrogate.data import load_graphs
 from matcouple.surrogate.predict import (
     SurrogatePredictor,
     ensemble_value_and_sigma,
+    mode_name,
     non_negative_rows,
 )
-from matcouple.surrogate.uncertainty import cross_fitted_calibration
-from matcouple.surrogate.value_blend import fit_value_blend
+from matcouple.surrogate.uncertainty import cross_fitted_calibration, with_floor
+from matcouple.surrogate.value_blend import (
+    fit_pair_weights,
+    fit_value_blend,
+    weighted_values,
+)
 
 
 def _plot(errors: np.ndarray, sigma: np.ndarray, truth: np.ndarray, pred: np.ndarray,
@@ -56,20 +62,37 @@ def _plot(errors: np.ndarray, sigma: np.ndarray, truth: np.ndarray, pred: np.nda
     plt.close(fig)
 
 
+def _mode_calibration(errors: np.ndarray, sigma: np.ndarray, targets, n: int,
+                      extras: dict, floor: bool = False) -> dict:
+    """One mode's card entry: per target the scale (and floor), MAE, held-out and
+    uncalibrated figures, and what else was fitted for it (``extras``, per target)."""
+    entry: dict = {"n": n}
+    for j, t in enumerate(targets):
+        cal = cross_fitted_calibration(errors[:, j], sigma[:, j], floor=floor)
+        entry[t] = {**{k: v for k, v in cal.items() if k in ("scale", "floor")},
+                    "mae": float(np.abs(errors[:, j]).mean()), "held_out": cal["held_out"],
+                    "uncalibrated": cal["uncalibrated"], **extras.get(t, {})}
+    return entry
+
+
 def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet_split",
                      split: str = "val", mc_samples: int | None = None,
                      mc_limit: int | None = None, device: str | None = None,
-                     value_model: str | None = None, progress: bool = True) -> dict:
+                     value_model: str | Sequence[str] | None = None,
+                     progress: bool = True) -> dict:
     """Evaluate the ensemble in ``model_dir`` on a split and write ``model_card.json``:
     dropout off and with ``mc_samples`` MC passes (default ``Settings.surrogate_mc_samples``)
     on the first ``mc_limit`` rows (default all), each mode with its calibration scales.
     ``value_model``: a file in ``model_dir`` (not a member) whose prediction is the value,
-    the members giving its sigma; each mode is then calibrated with and without it."""
-    members = sorted(p.name for p in model_dir.glob("crysformer-*.pt") if p.name != value_model)
+    the members giving its sigma; each mode is then calibrated with and without it. Two
+    files make a value pair: their weights are fitted on the split, and with dropout off
+    the pair alone gives value and sigma (mode ``value2``, its spread given a floor)."""
+    values = [] if value_model is None else [value_model] if isinstance(value_model, str) \
+        else list(value_model)
+    members = sorted(p.name for p in model_dir.glob("crysformer-*.pt") if p.name not in values)
     mc_samples = get_settings().surrogate_mc_samples if mc_samples is None else mc_samples
     predictor = SurrogatePredictor([model_dir / m for m in members], device=device,
-                                   mc_samples=0, value_model=model_dir / value_model
-                                   if value_model else None)
+                                   mc_samples=0, value_model=[model_dir / v for v in values])
     targets = predictor.targets
     graphs = load_graphs(data, targets, split_column=split_column, split=split,
                          spec=predictor.spec, progress=progress).graphs
@@ -89,38 +112,53 @@ def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet
         "member_epochs": [b["epochs_trained"] for b in predictor.blobs],
         "calibration": {}, "val_mae": {},
     }
-    if value_model:
-        card["value_model"] = value_model
-        card["value_model_config"] = predictor.value[1]["model_config"]
-        card["value_model_val_mae"] = predictor.value[1]["val_mae"]
+    if len(values) == 1:
+        card["value_model"] = values[0]
+    elif values:
+        card["value_models"] = values
+    if values:
+        card["value_model_config"] = predictor.values[0][1]["model_config"]
+        card["value_model_val_mae"] = predictor.values[0][1]["val_mae"]
+    value_weights = None
     modes = [(0, None)] + ([(mc_samples, mc_limit)] if mc_samples else [])
     for mc, limit in modes:
         predictor.mc_samples = mc
         subset = graphs[:limit] if limit else graphs
-        means, variances, point = predictor.outputs(subset)
+        means, variances, preds = predictor.raw_outputs(subset)
         y = truth[: len(subset)]
-        for use_value in ([False, True] if value_model else [False]):
-            floors = non_negative_rows(subset, targets)
-            weights, blends = fit_value_blend(point, means, variances, y, targets,
-                                              floors) if use_value else (None, {})
-            mean, sigma = ensemble_value_and_sigma(means, variances,
-                                                   point if use_value else None, targets,
-                                                   weights, floors)
+        floors = non_negative_rows(subset, targets)
+        if len(values) > 1 and value_weights is None:  # the pair's weights, fitted once
+            value_weights, pair_report = fit_pair_weights(preds, y, targets, floors)
+            card["value_weights"] = {t: w for t, w in zip(targets, value_weights,
+                                                          strict=True)}
+            card["value_pair"] = pair_report
+        point = None if preds is None else weighted_values(preds, value_weights)
+        runs = [(mode_name(len(members), 0, mc), None)] + (
+            [(mode_name(len(members), len(values), mc), point)] if values else [])
+        for mode, value in runs:
+            # a value pair with dropout off: the pair alone gives value and sigma
+            pair_only = value is not None and len(values) > 1 and not mc
+            if pair_only:
+                mean, sigma = ensemble_value_and_sigma(preds, np.zeros_like(preds), point,
+                                                       targets, None, floors)
+                blends: dict = {}
+            else:
+                weights, blends = fit_value_blend(value, means, variances, y, targets,
+                                                  floors) if value is not None else (None, {})
+                mean, sigma = ensemble_value_and_sigma(means, variances, value, targets,
+                                                       weights, floors)
             errors = mean - y
-            mode = ("value+" if use_value else "") + predictor.mode.removeprefix("value+")
-            card["calibration"][mode] = {"n": len(subset)}
-            for j, t in enumerate(targets):
-                cal = cross_fitted_calibration(errors[:, j], sigma[:, j])
-                card["calibration"][mode][t] = {"scale": cal["scale"], "mae": float(
-                    np.abs(errors[:, j]).mean()), "held_out": cal["held_out"],
-                    "uncalibrated": cal["uncalibrated"], **blends.get(t, {})}
+            card["calibration"][mode] = _mode_calibration(errors, sigma, targets,
+                                                          len(subset), blends, pair_only)
             card["val_mae"][mode] = {t: float(np.abs(errors[:, j]).mean())
                                      for j, t in enumerate(targets)}
             # the default mode (MC passes, the value model if any) on the whole split
             if mc == mc_samples and len(subset) == len(graphs) and \
-                    use_value == bool(value_model):
-                scales = np.array([card["calibration"][mode][t]["scale"] for t in targets])
-                _plot(errors, sigma * scales, y, mean, targets, model_dir / "model_card.png")
+                    (value is not None) == bool(values):
+                entry = card["calibration"][mode]
+                scaled = np.stack([entry[t]["scale"] * with_floor(
+                    sigma[:, j], entry[t].get("floor", 0.0)) for j, t in enumerate(targets)], 1)
+                _plot(errors, scaled, y, mean, targets, model_dir / "model_card.png")
                 card["default_mode"] = mode
     (model_dir / "model_card.json").write_text(json.dumps(card, indent=1))
     return card

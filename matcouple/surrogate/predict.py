@@ -2,7 +2,11 @@
 
 A predictor holds an ensemble of exported models plus the calibration scales of the
 model card, and optionally a *value model*: one more accurate model whose prediction is the
-value, the ensemble's samples then giving its sigma (their RMS deviation from it).
+value, the ensemble's samples then giving its sigma (their RMS deviation from it). A card
+may name two value models (a *value pair*, trained from different starts): their weighted
+value is the value; with MC dropout the ensemble still gives the sigma, and with dropout
+off (the fast mode) the pair's own disagreement does, given a fitted floor, and the
+ensemble is not run.
 Structures that cannot be used are returned as rows with an error, so one bad file never
 costs the rest of a batch.
 """
@@ -37,7 +41,12 @@ from matcouple.surrogate.mc_dropout import draw_masks, replaying
 from matcouple.surrogate.model import Crysformer, CrysformerConfig, have_dropout
 from matcouple.surrogate.train import MODEL_FORMAT
 from matcouple.surrogate.uncertainty import combine, spread_around
-from matcouple.surrogate.value_blend import blend, card_weights
+from matcouple.surrogate.value_blend import (
+    blend,
+    card_weights,
+    value_model_names,
+    weighted_values,
+)
 
 NON_NEGATIVE = {"band_gap"}
 # Never negative for a crystal of one element: MP measures formation energy from the most
@@ -121,6 +130,15 @@ def ensemble_value_and_sigma(means: np.ndarray, variances: np.ndarray,
     return np.where(non_negative, np.maximum(value, 0.0), value), sigma
 
 
+def mode_name(members: int, values: int, mc_samples: int) -> str:
+    """The card's name of a prediction mode, e.g. ``value+ensemble3+mc8``; a value pair
+    with dropout off (its members not run) is ``value2``."""
+    if values > 1 and not mc_samples:
+        return f"value{values}"
+    prefix = "" if not values else "value+" if values == 1 else f"value{values}+"
+    return prefix + f"ensemble{members}" + (f"+mc{mc_samples}" if mc_samples else "")
+
+
 class SurrogatePredictor:
     """An ensemble of Crysformer models with calibrated uncertainties.
 
@@ -131,43 +149,50 @@ class SurrogatePredictor:
 
     def __init__(self, model_paths: Sequence[Path], *, card: dict | None = None,
                  device: str | None = None, mc_samples: int | None = None,
-                 value_model: Path | None = None) -> None:
+                 value_model: Path | Sequence[Path] | None = None) -> None:
         if not model_paths:
             raise MatcoupleError("no surrogate model files given")
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         loaded = [load_model(Path(p), dev) for p in model_paths]
-        value = load_model(Path(value_model), dev) if value_model is not None else None
+        paths = [] if value_model is None else [value_model] if isinstance(
+            value_model, str | Path) else list(value_model)
         self._setup([m for m, _ in loaded], [b for _, b in loaded], card, dev, mc_samples,
-                    value)
+                    [load_model(Path(p), dev) for p in paths])
 
     @classmethod
     def from_models(cls, models: Sequence[Crysformer], blobs: Sequence[dict], *,
                     card: dict | None = None, device: torch.device,
                     mc_samples: int | None = None,
-                    value: tuple[Crysformer, dict] | None = None) -> SurrogatePredictor:
-        """A predictor over models already in memory (e.g. members being fine-tuned)."""
+                    value: tuple[Crysformer, dict] | list[tuple[Crysformer, dict]] | None
+                    = None) -> SurrogatePredictor:
+        """A predictor over models already in memory (e.g. members being fine-tuned);
+        ``value``: one value model (model, blob) or a list of them (a value pair)."""
         self = cls.__new__(cls)
-        self._setup(list(models), list(blobs), card, device, mc_samples, value)
+        values = [] if value is None else list(value) if isinstance(value, list) else [value]
+        self._setup(list(models), list(blobs), card, device, mc_samples, values)
         return self
 
     def _setup(self, models: list[Crysformer], blobs: list[dict], card: dict | None,
                device: torch.device, mc_samples: int | None,
-               value: tuple[Crysformer, dict] | None = None) -> None:
+               values: list[tuple[Crysformer, dict]]) -> None:
         self.device = device
         self.models, self.blobs = models, blobs
-        self.value = value
-        for m in models + ([value[0]] if value else []):
+        self.values = values
+        for m in models + [v[0] for v in values]:
             m.set_fused(get_settings().surrogate_fused_tp)
         first = self.blobs[0]
         self.targets = tuple(first["model_config"]["targets"])
         self.spec = GraphSpec(**first["graph_spec"])
-        for b in self.blobs[1:] + ([value[1]] if value else []):
+        for b in self.blobs[1:] + [v[1] for v in values]:
             if tuple(b["model_config"]["targets"]) != self.targets or \
                     GraphSpec(**b["graph_spec"]) != self.spec:
                 raise MatcoupleError("ensemble members (and value model) disagree on "
                                      "targets or graph settings")
         self.card = card or {}
         self.version = self.card.get("version", "uncalibrated")
+        stored = self.card.get("value_weights")
+        self.value_weights = [stored[t] for t in self.targets] if stored and \
+            len(values) > 1 else None
         # Members trained without dropout have no MC spread: their default is the ensemble.
         self.has_dropout = have_dropout(models)
         default = get_settings().surrogate_mc_samples if self.has_dropout else 0
@@ -185,20 +210,32 @@ class SurrogatePredictor:
         if value and not self.has_dropout:
             raise MatcoupleError("MC dropout needs members trained with dropout > 0; these "
                                  "have none: use --mc-samples 0 (the ensemble's spread)")
-        if len(self.models) < 2 and value < 2:
+        if len(self.models) < 2 and value < 2 and len(self.values) < 2:
             raise MatcoupleError("an uncertainty needs >= 2 ensemble members or "
                                  "--mc-samples >= 2")
         self._mc_samples = int(value)
         scales = self.card.get("calibration", {}).get(self.mode, {})
         self.scales = {t: float(scales.get(t, {}).get("scale", 1.0)) for t in self.targets}
+        # the value pair's own spread is given this floor (uncertainty.fit_floor)
+        self.floors = np.array([float(scales.get(t, {}).get("floor", 0.0))
+                                for t in self.targets])
         # the fraction of the way from the value model to the ensemble's mean (value_blend)
         self.ensemble_weight = card_weights(scales, self.targets)
         self.calibrated = bool(scales)
 
     @property
+    def value(self) -> tuple[Crysformer, dict] | None:
+        """The (first) value model, None without one."""
+        return self.values[0] if self.values else None
+
+    @property
+    def values_only(self) -> bool:
+        """A value pair with dropout off: the pair alone gives value and sigma."""
+        return len(self.values) > 1 and not self.mc_samples
+
+    @property
     def mode(self) -> str:
-        return ("value+" if self.value else "") + f"ensemble{len(self.models)}" + (
-            f"+mc{self.mc_samples}" if self.mc_samples else "")
+        return mode_name(len(self.models), len(self.values), self.mc_samples)
 
     @classmethod
     def default(cls, *, device: str | None = None, mc_samples: int | None = None,
@@ -209,9 +246,9 @@ class SurrogatePredictor:
         if not card_path.exists():
             raise MatcoupleError(f"no model card in {folder}: train and calibrate first")
         card = json.loads(card_path.read_text())
-        value = card.get("value_model") if get_settings().surrogate_value_model else None
+        values = value_model_names(card) if get_settings().surrogate_value_model else []
         return cls([folder / m for m in card["members"]], card=card, device=device,
-                   mc_samples=mc_samples, value_model=folder / value if value else None)
+                   mc_samples=mc_samples, value_model=[folder / v for v in values])
 
     def graph(self, structure: Structure) -> Data:
         g = structure_to_graph(structure, self.spec)
@@ -248,8 +285,8 @@ class SurrogatePredictor:
             return
         gen = torch.Generator().manual_seed(get_settings().surrogate_mc_seed)
         for model, _, batch in jobs:
-            if self.value is not None and model is self.value[0]:
-                yield None  # the value model: one deterministic pass
+            if any(model is v[0] for v in self.values):
+                yield None  # a value model: one deterministic pass
                 continue
             shapes = model.dropout_shapes(batch.num_nodes, batch.num_edges)
             yield [draw_masks(shapes, model.cfg.dropout, gen)
@@ -271,7 +308,22 @@ class SurrogatePredictor:
     def outputs(self, graphs: Sequence[Data | dict], batch_size: int | None = None, *,
                 with_value: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """:meth:`member_outputs` plus the value model's prediction (N, targets), None
-        without a value model (or ``with_value=False``).
+        without a value model (or ``with_value=False``); a value pair's weighted value.
+        In :attr:`values_only` mode the pair's predictions stand in for the members' means
+        (variances zero) and the members are not run."""
+        if self.values_only and with_value:
+            _, _, values = self.raw_outputs(graphs, batch_size, members=False)
+            return values, np.zeros_like(values), weighted_values(values, self.value_weights)
+        means, variances, values = self.raw_outputs(graphs, batch_size, values=with_value)
+        point = None if values is None else weighted_values(values, self.value_weights)
+        return means, variances, point
+
+    def raw_outputs(self, graphs: Sequence[Data | dict], batch_size: int | None = None, *,
+                    members: bool = True, values: bool = True
+                    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """The members' means and MC variances, each (members, N, targets), and each value
+        model's prediction (value models, N, targets), in physical units, before any
+        weighting or calibration; None for the parts not asked for (or absent).
 
         On CPU the members run side by side, one thread each: coarse-grained parallelism
         that, unlike OpenMP threads inside each op, does not collapse when other processes
@@ -281,9 +333,10 @@ class SurrogatePredictor:
         batches = [collate_graphs(graphs[i:i + batch_size]).to(self.device)
                    for i in range(0, len(graphs), batch_size)]
         # one job per (member, batch): balances 3 members over 2 cores
-        models = list(zip(self.models, self.blobs, strict=True))
-        if with_value and self.value is not None:
-            models.append(self.value)
+        models = list(zip(self.models, self.blobs, strict=True)) if members else []
+        n_members = len(models)
+        if values:
+            models += self.values
         jobs = [(m, b, batch) for m, b in models for batch in batches]
         parallel = min(len(jobs), os.cpu_count() or 1) if self.device.type == "cpu" else 1
         outs = self._run(jobs, parallel)
@@ -293,9 +346,10 @@ class SurrogatePredictor:
         variances = torch.stack([torch.cat([o[1] for o in outs[k:k + per]])
                                  for k in range(0, len(outs), per)])
         means, variances = means.cpu().numpy(), variances.cpu().numpy()
-        if len(models) > len(self.models):
-            return means[:-1], variances[:-1], means[-1]
-        return means, variances, None
+        value_preds = means[n_members:] if len(models) > n_members else None
+        if not n_members:
+            return None, None, value_preds
+        return means[:n_members], variances[:n_members], value_preds
 
     def _run(self, jobs: list[tuple[Crysformer, dict, GraphBatch]], parallel: int
              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -321,8 +375,11 @@ class SurrogatePredictor:
     def predict_graphs(self, graphs: Sequence[Data | dict], batch_size: int | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
         """Mean and calibrated sigma, each (N, targets), in physical units."""
-        mean, sigma = ensemble_value_and_sigma(*self.outputs(graphs, batch_size),
-                                               self.targets, self.ensemble_weight,
+        means, variances, point = self.outputs(graphs, batch_size)
+        if self.values_only:  # the pair's spread, never below the card's floor
+            variances = variances + (self.floors**2)[None, None]
+        mean, sigma = ensemble_value_and_sigma(means, variances, point, self.targets,
+                                               self.ensemble_weight,
                                                non_negative_rows(graphs, self.targets))
         for j, t in enumerate(self.targets):
             sigma[:, j] *= self.scales[t]

@@ -5,6 +5,10 @@ dropout) err differently, so a small step from the value model towards the ensem
 averages part of the error away; the ensemble runs anyway for the sigma, so the step costs
 nothing at prediction. The fraction is fitted per target and mode on the validation split,
 next to the calibration scale, and judged on held-out halves like the scale.
+
+A card may name two value models (a *value pair*: ``value_models``, trained from different
+starts); their value is the first moved a fitted fraction of the way to the second
+(``value_weights``, per target), fitted and judged the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from matcouple.surrogate.uncertainty import combine, seeded_halves
 
 # Fractions tried: the ensemble is the weaker predictor, so more than half is never useful.
 WEIGHT_GRID = np.linspace(0.0, 0.5, 51)
+# Between two value models either may be the better one.
+PAIR_WEIGHT_GRID = np.linspace(0.0, 1.0, 101)
 
 
 NonNegative = bool | np.ndarray  # for a whole target, or per row (a bool array)
@@ -45,20 +51,21 @@ def _mae(point, ensemble_mean, y, weight, non_negative) -> float:
 
 
 def fit_weight(point: np.ndarray, ensemble_mean: np.ndarray, y: np.ndarray,
-               non_negative: NonNegative = False) -> float:
-    """The fraction on :data:`WEIGHT_GRID` with the lowest MAE (rows with a label only);
+               non_negative: NonNegative = False, grid: np.ndarray = WEIGHT_GRID) -> float:
+    """The fraction on ``grid`` with the lowest MAE (rows with a label only);
     0 (the value model alone) when nothing is better or there is nothing to fit."""
     known = ~np.isnan(y)
     if not known.any():
         return 0.0
     p, e, t = point[known], ensemble_mean[known], y[known]
     floor = _rows(non_negative, known)
-    maes = [_mae(p, e, t, w, floor) for w in WEIGHT_GRID]
-    return float(WEIGHT_GRID[int(np.argmin(maes))])  # argmin: the smallest of ties
+    maes = [_mae(p, e, t, w, floor) for w in grid]
+    return float(grid[int(np.argmin(maes))])  # argmin: the smallest of ties
 
 
 def held_out_values(point: np.ndarray, ensemble_mean: np.ndarray, y: np.ndarray,
-                    non_negative: NonNegative = False, seed: int = 0) -> np.ndarray:
+                    non_negative: NonNegative = False, seed: int = 0,
+                    grid: np.ndarray = WEIGHT_GRID) -> np.ndarray:
     """Each row's blended value with the fraction fitted on the *other* seeded half of the
     rows: what the blend does on data it was not fitted to (rows without a label: NaN)."""
     known = np.flatnonzero(~np.isnan(y))
@@ -66,25 +73,31 @@ def held_out_values(point: np.ndarray, ensemble_mean: np.ndarray, y: np.ndarray,
     halves = seeded_halves(len(known), seed)
     for fit, test in (halves, halves[::-1]):
         w = fit_weight(point[known[fit]], ensemble_mean[known[fit]], y[known[fit]],
-                       _rows(non_negative, known[fit]))
+                       _rows(non_negative, known[fit]), grid)
         out[known[test]] = blend(point[known[test]], ensemble_mean[known[test]], w,
                                  _rows(non_negative, known[test]))
     return out
 
 
 def cross_fitted_weight(point: np.ndarray, ensemble_mean: np.ndarray, y: np.ndarray,
-                        non_negative: NonNegative = False, seed: int = 0
-                        ) -> dict[str, float]:
+                        non_negative: NonNegative = False, seed: int = 0,
+                        grid: np.ndarray = WEIGHT_GRID) -> dict[str, float]:
     """The fraction fitted on all rows (what is shipped) and the MAE it gives on each half
     when fitted on the other (what is reported), beside the value model's own MAE there."""
     known = ~np.isnan(y)
-    held = held_out_values(point, ensemble_mean, y, non_negative, seed)[known]
+    held = held_out_values(point, ensemble_mean, y, non_negative, seed, grid)[known]
     p, e, t = point[known], ensemble_mean[known], y[known]
     floor = _rows(non_negative, known)
     own = floor_at_zero(p, floor)
-    return {"ensemble_weight": fit_weight(p, e, t, floor),
+    return {"ensemble_weight": fit_weight(p, e, t, floor, grid),
             "held_out_mae": float(np.abs(held - t).mean()) if len(t) else float("nan"),
             "value_model_mae": float(np.abs(own - t).mean()) if len(t) else float("nan")}
+
+
+def _target_rows(non_negative: set[str] | np.ndarray, targets: Sequence[str]
+                 ) -> list[NonNegative]:
+    return [non_negative[:, j] if isinstance(non_negative, np.ndarray)
+            else t in non_negative for j, t in enumerate(targets)]
 
 
 def fit_value_blend(point: np.ndarray, member_means: np.ndarray, member_vars: np.ndarray,
@@ -95,8 +108,7 @@ def fit_value_blend(point: np.ndarray, member_means: np.ndarray, member_vars: np
     targets that are never negative, or an (N, targets) bool array of the values that are
     not (:func:`matcouple.surrogate.predict.non_negative_rows`)."""
     mix, _ = combine(member_means, member_vars)
-    floors = [non_negative[:, j] if isinstance(non_negative, np.ndarray)
-              else t in non_negative for j, t in enumerate(targets)]
+    floors = _target_rows(non_negative, targets)
     report = {t: cross_fitted_weight(point[:, j], mix[:, j], y[:, j], floors[j])
               for j, t in enumerate(targets)}
     return [report[t]["ensemble_weight"] for t in targets], report
@@ -105,3 +117,41 @@ def fit_value_blend(point: np.ndarray, member_means: np.ndarray, member_vars: np
 def card_weights(mode_calibration: dict, targets: Sequence[str]) -> list[float]:
     """The fractions a card stores for one mode (0 for a target without one: old cards)."""
     return [float(mode_calibration.get(t, {}).get("ensemble_weight", 0.0)) for t in targets]
+
+
+def value_model_names(card: dict) -> list[str]:
+    """The value models a card names: ``value_models`` (a list), or an older card's single
+    ``value_model``; none for a card without."""
+    if card.get("value_models"):
+        return list(card["value_models"])
+    return [card["value_model"]] if card.get("value_model") else []
+
+
+def weighted_values(values: np.ndarray, weights: Sequence[Sequence[float]] | None
+                    ) -> np.ndarray:
+    """The value of K value models' predictions (K, N, T): per target, the sum of the
+    predictions with that target's K weights (``weights`` (T, K); None: equal weights)."""
+    if weights is None:
+        return values.mean(axis=0)
+    return np.einsum("knt,tk->nt", values, np.asarray(weights, dtype=values.dtype))
+
+
+def fit_pair_weights(values: np.ndarray, y: np.ndarray, targets: Sequence[str],
+                     non_negative: set[str] | np.ndarray
+                     ) -> tuple[list[list[float]], dict[str, dict[str, float]]]:
+    """Per-target weights (1 - w, w) of a value pair's predictions (2, N, T), w on
+    :data:`PAIR_WEIGHT_GRID` with the lowest val MAE, and per target the held-out report:
+    the MAE with w fitted on the other half, and each model's own MAE."""
+    floors = _target_rows(non_negative, targets)
+    weights, report = [], {}
+    for j, t in enumerate(targets):
+        fit = cross_fitted_weight(values[0, :, j], values[1, :, j], y[:, j], floors[j],
+                                  grid=PAIR_WEIGHT_GRID)
+        w = fit["ensemble_weight"]
+        known = ~np.isnan(y[:, j])
+        own = floor_at_zero(values[1, known, j], _rows(floors[j], known))
+        second = float(np.abs(own - y[known, j]).mean()) if known.any() else float("nan")
+        weights.append([1.0 - w, w])
+        report[t] = {"pair_weight": w, "pair_held_out_mae": fit["held_out_mae"],
+                     "pair_first_mae": fit["value_model_mae"], "pair_second_mae": second}
+    return weights, report
