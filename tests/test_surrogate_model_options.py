@@ -156,3 +156,29 @@ def test_element_embedding_separates_elements_the_k_hot_table_cannot(tmp_path):
         with_table.element_embed.weight[60].normal_()
     with_table.eval()
     assert not torch.allclose(_predict(with_table, nd), _predict(with_table, sm))
+
+
+def test_train_cli_passes_the_warm_up_on_and_refuses_a_negative_one(tmp_path):
+    from typer.testing import CliRunner
+
+    from matcouple.cli import app
+
+    result = CliRunner().invoke(app, ["train", "surrogate", "--out", str(tmp_path / "c.pt"),
+                                      "--data", str(tmp_path / "missing.csv"),
+                                      "--warmup-epochs", "-0.5"])
+    assert result.exit_code == 2
+    assert "warm-up epochs must not be negative" in result.output
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_a_short_warm_up_reaches_the_peak_early_and_the_cosine_ends_low():
+    """A fine-tune with 5% warm-up: full rate after 5 of 100 steps, then a cosine to 2%."""
+    from matcouple.surrogate.train import _lr_factor
+
+    warmup = int(0.05 * 100)
+    assert _lr_factor(0, 100, warmup) == pytest.approx(0.2)
+    assert _lr_factor(warmup - 1, 100, warmup) == pytest.approx(1.0)
+    assert _lr_factor(warmup, 100, warmup) == pytest.approx(1.0)
+    assert _lr_factor(99, 100, warmup) < 0.03
+    factors = [_lr_factor(s, 100, warmup) for s in range(warmup, 100)]
+    assert all(a >= b for a, b in zip(factors, factors[1:], strict=False))

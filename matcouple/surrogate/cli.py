@@ -26,6 +26,8 @@ def train_surrogate(
                                           "surrogate_train_batch_size."),
     lr: float | None = typer.Option(None, help="Peak learning rate (default: Settings."
                                     "surrogate_train_lr)."),
+    warmup_epochs: float = typer.Option(1.0, help="Epochs of linear warm-up before the "
+                                        "cosine decay (a short fine-tune wants a fraction)."),
     seed: int = typer.Option(0),
     limit_train: int | None = typer.Option(None, help="Use the first N training rows."),
     init_from: Path | None = typer.Option(None, help="Fine-tune from this checkpoint."),
@@ -77,7 +79,8 @@ def train_surrogate(
             targets=tuple(targets.split(",")), split_column=split_column,
             epochs=settings.surrogate_train_epochs if epochs is None else epochs,
             batch_size=settings.surrogate_train_batch_size if batch_size is None else
-            batch_size, lr=settings.surrogate_train_lr if lr is None else lr, seed=seed,
+            batch_size, lr=settings.surrogate_train_lr if lr is None else lr,
+            warmup_epochs=warmup_epochs, seed=seed,
             limit_train=limit_train, model=parse_model_overrides(model),
             fused_tp=settings.surrogate_train_fused_tp if fused_tp is None else fused_tp,
             ema_decay=settings.surrogate_train_ema_decay if ema is None else ema,

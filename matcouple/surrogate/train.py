@@ -502,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int,
                    default=get_settings().surrogate_train_batch_size)
     p.add_argument("--lr", type=float, default=get_settings().surrogate_train_lr)
+    p.add_argument("--warmup-epochs", type=float, default=1.0,
+                   help="epochs of linear warm-up before the cosine decay")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--amp", action="store_true")
@@ -534,7 +536,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(data=a.data, targets=tuple(a.targets.split(",")),
                       split_column=a.split_column, train_split=a.train_split,
                       val_split=a.val_split, epochs=a.epochs, batch_size=a.batch_size,
-                      lr=a.lr, seed=a.seed, limit_train=a.limit_train, amp=a.amp, model=model,
+                      lr=a.lr, warmup_epochs=a.warmup_epochs, seed=a.seed,
+                      limit_train=a.limit_train, amp=a.amp, model=model,
                       fused_tp=a.fused_tp, ema_decay=a.ema, weight_decay=a.weight_decay,
                       strain_noise=a.strain_noise, displacement_noise=a.displacement_noise,
                       target_weights=parse_target_weights(a.target_weights))
