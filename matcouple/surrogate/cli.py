@@ -26,8 +26,9 @@ def train_surrogate(
                                           "surrogate_train_batch_size."),
     lr: float | None = typer.Option(None, help="Peak learning rate (default: Settings."
                                     "surrogate_train_lr)."),
-    warmup_epochs: float = typer.Option(1.0, help="Epochs of linear warm-up before the "
-                                        "cosine decay (a short fine-tune wants a fraction)."),
+    warmup_epochs: float | None = typer.Option(
+        None, help="Epochs of linear warm-up before the cosine decay (a short fine-tune "
+        "wants a fraction); default: Settings.surrogate_train_warmup_epochs."),
     seed: int = typer.Option(0),
     limit_train: int | None = typer.Option(None, help="Use the first N training rows."),
     init_from: Path | None = typer.Option(None, help="Fine-tune from this checkpoint."),
@@ -80,7 +81,8 @@ def train_surrogate(
             epochs=settings.surrogate_train_epochs if epochs is None else epochs,
             batch_size=settings.surrogate_train_batch_size if batch_size is None else
             batch_size, lr=settings.surrogate_train_lr if lr is None else lr,
-            warmup_epochs=warmup_epochs, seed=seed,
+            warmup_epochs=settings.surrogate_train_warmup_epochs if warmup_epochs is None
+            else warmup_epochs, seed=seed,
             limit_train=limit_train, model=parse_model_overrides(model),
             fused_tp=settings.surrogate_train_fused_tp if fused_tp is None else fused_tp,
             ema_decay=settings.surrogate_train_ema_decay if ema is None else ema,

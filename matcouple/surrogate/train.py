@@ -54,7 +54,8 @@ class TrainConfig:
     lr: float = field(default_factory=lambda: get_settings().surrogate_train_lr)
     weight_decay: float = field(
         default_factory=lambda: get_settings().surrogate_train_weight_decay)
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = field(
+        default_factory=lambda: get_settings().surrogate_train_warmup_epochs)
     seed: int = 0
     limit_train: int | None = None
     amp: bool = False
@@ -502,7 +503,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int,
                    default=get_settings().surrogate_train_batch_size)
     p.add_argument("--lr", type=float, default=get_settings().surrogate_train_lr)
-    p.add_argument("--warmup-epochs", type=float, default=1.0,
+    p.add_argument("--warmup-epochs", type=float,
+                   default=get_settings().surrogate_train_warmup_epochs,
                    help="epochs of linear warm-up before the cosine decay")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit-train", type=int, default=None)
