@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from pymatgen.core import Element, Lattice, Species, Structure
 
-from matcouple.errors import StructureInputError
+from matcouple.errors import MatcoupleError, StructureInputError
 from matcouple.surrogate.atom_features import MAX_Z
 
 
@@ -30,6 +30,35 @@ class GraphSpec:
     tie_tol: float = 1e-3
     initial_radius: float = 6.0
     max_radius: float = 30.0
+
+
+def parse_graph_options(items: list[str]) -> dict:
+    """``["k=16"]`` -> ``{"k": 16}``: graph settings for a training run, typed like
+    :class:`GraphSpec`; a clear error for an unknown name or a value out of range."""
+    defaults = GraphSpec()
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in defaults.__dataclass_fields__:
+            raise MatcoupleError(
+                f"graph option {item!r}: expected NAME=VALUE with NAME one of "
+                f"{', '.join(defaults.__dataclass_fields__)}")
+        kind = type(getattr(defaults, key))
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise MatcoupleError(
+                f"graph option {key}: {raw!r} is not a {kind.__name__}") from None
+        if value < 0 or (value == 0 and key != "tie_tol"):
+            raise MatcoupleError(f"graph option {key}: {raw!r} must be positive")
+        out[key] = value
+    spec = GraphSpec(**{**vars(defaults), **out})
+    if spec.initial_radius > spec.max_radius:
+        raise MatcoupleError(
+            f"graph option initial_radius {spec.initial_radius} exceeds max_radius "
+            f"{spec.max_radius}")
+    return out
 
 
 def knn_edges(structure: Structure, spec: GraphSpec) -> tuple[np.ndarray, np.ndarray,

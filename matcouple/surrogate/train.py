@@ -28,7 +28,7 @@ from matcouple.surrogate.augment import StructureNoise
 from matcouple.surrogate.batching import GlobalBatchSampler
 from matcouple.surrogate.data import load_graphs, table_hash
 from matcouple.surrogate.ema import WeightAverage
-from matcouple.surrogate.graph import GraphSpec
+from matcouple.surrogate.graph import GraphSpec, parse_graph_options
 from matcouple.surrogate.model import (
     TUNABLE_FIELDS,
     Crysformer,
@@ -531,6 +531,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache-dir", type=Path, default=get_settings().graph_cache_dir)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--model", default="", help="e.g. scalars=128,vectors=32,layers=4")
+    p.add_argument("--graph", default="",
+                   help="graph settings, e.g. k=16 (neighbours per atom; default "
+                   "GraphSpec's, 12); stored in the checkpoint and the exported model")
     p.add_argument("--export", type=Path, default=None, help="also write the model file")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
@@ -542,7 +545,8 @@ def main(argv: list[str] | None = None) -> None:
                       limit_train=a.limit_train, amp=a.amp, model=model,
                       fused_tp=a.fused_tp, ema_decay=a.ema, weight_decay=a.weight_decay,
                       strain_noise=a.strain_noise, displacement_noise=a.displacement_noise,
-                      target_weights=parse_target_weights(a.target_weights))
+                      target_weights=parse_target_weights(a.target_weights),
+                      graph=parse_graph_options([i for i in a.graph.split(",") if i]))
     train(cfg, a.out, minutes=a.minutes, device=a.device, init_from=a.init_from,
           cache_dir=a.cache_dir, workers=a.workers, progress=not a.quiet)
     if a.export:
