@@ -33,7 +33,7 @@ def fast_predictor() -> SurrogatePredictor:
 
 
 def test_shipped_models_are_calibrated_and_physical(predictor, silicon, rocksalt):
-    assert predictor.calibrated and predictor.mode == "value2+ensemble3+mc8"
+    assert predictor.calibrated and predictor.mode == "value3+ensemble3+mc8"
     nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"],
                                      [[0, 0, 0], [0.5, 0.5, 0.5]])
     rows = {r.id: r for r in predictor.predict([("si", silicon), ("mgo", rocksalt),
@@ -52,7 +52,7 @@ def test_batch_size_does_not_change_predictions(fast_predictor, silicon, rocksal
     """The CPU default batch (small, for cache) and a big one give the same numbers, and
     graphs of different sizes batched together do not leak into each other."""
     predictor = fast_predictor
-    assert predictor.calibrated and predictor.mode == "value2"
+    assert predictor.calibrated and predictor.mode == "value3"
     items = [(f"s{k}", s) for k, s in enumerate([silicon, rocksalt, silicon * (2, 1, 1),
                                                   rocksalt * (1, 2, 2), silicon] * 3)]
     assert predictor.default_batch_size == 16  # CPU in tests
@@ -161,7 +161,7 @@ def test_predict_task_through_rlaunch(launchpad_config, cli_env, tmp_path, silic
     mgo = docs["mgo"]["predictions"]["formation_energy_per_atom"]
     assert mgo["value"] < -2.0 and mgo["sigma"] > 0
     assert docs["si"]["model_version"] == SurrogatePredictor.default().version
-    assert docs["si"]["uncertainty_mode"] == "value2+ensemble3+mc8" and docs["si"]["calibrated"]
+    assert docs["si"]["uncertainty_mode"] == "value3+ensemble3+mc8" and docs["si"]["calibrated"]
 
 
 def test_fused_inference_path_matches_e3nn_on_shipped_models(fast_predictor, silicon,

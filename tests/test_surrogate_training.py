@@ -308,9 +308,11 @@ def test_model_card_fits_a_value_pair_and_its_fast_mode_skips_the_members(tmp_pa
     from matcouple.surrogate.uncertainty import with_floor
 
     folder = tmp_path / "models"
-    for seed, dropout, name in ((1, 0.1, "crysformer-t-s1.pt"), (2, 0.1, "crysformer-t-s2.pt"),
-                                (3, 0.0, "value-t.pt"), (4, 0.0, "value-u.pt")):
-        cfg = _cfg(epochs=1, seed=seed, model={**TINY, "dropout": dropout})
+    # value-u is trained on 14 neighbours, the rest on 12: one graph serves them all
+    for seed, dropout, name, k in ((1, 0.1, "crysformer-t-s1.pt", 12),
+                                   (2, 0.1, "crysformer-t-s2.pt", 12),
+                                   (3, 0.0, "value-t.pt", 12), (4, 0.0, "value-u.pt", 14)):
+        cfg = _cfg(epochs=1, seed=seed, model={**TINY, "dropout": dropout}, graph={"k": k})
         train(cfg, tmp_path / f"{seed}.ckpt", progress=False, workers=1)
         export_model(tmp_path / f"{seed}.ckpt", folder / name)
     card = build_model_card(folder, CI, split_column="ci_split", mc_samples=2, device="cpu",
@@ -320,6 +322,8 @@ def test_model_card_fits_a_value_pair_and_its_fast_mode_skips_the_members(tmp_pa
     assert set(card["calibration"]) == {"ensemble2", "ensemble2+mc2", "value2",
                                         "value2+ensemble2+mc2"}
     assert card["default_mode"] == "value2+ensemble2+mc2"
+    assert card["graph_spec"]["k"] == 14 and card["model_graph_k"] == {
+        "crysformer-t-s1.pt": 12, "crysformer-t-s2.pt": 12, "value-t.pt": 12, "value-u.pt": 14}
     for t in ("formation_energy_per_atom", "band_gap"):
         w = card["value_weights"][t]
         assert len(w) == 2 and sum(w) == pytest.approx(1.0) and min(w) >= 0

@@ -15,7 +15,12 @@ from matcouple.surrogate.uncertainty import (
     fit_floor,
     with_floor,
 )
-from matcouple.surrogate.value_blend import fit_pair_weights, value_model_names
+from matcouple.surrogate.value_blend import (
+    fit_pair_weights,
+    fit_value_weights,
+    simplex_grid,
+    value_model_names,
+)
 from tests.test_surrogate_value_model import _model
 
 CPU = torch.device("cpu")
@@ -129,3 +134,47 @@ def test_pair_weights_lean_towards_the_better_model():
     nan_y[::3, 0] = np.nan  # rows without a label are left out, not NaN
     _, report = fit_pair_weights(np.stack([worse, good]), nan_y, TARGETS, {"band_gap"})
     assert np.isfinite(report["formation_energy_per_atom"]["pair_held_out_mae"])
+
+
+def test_three_value_models_get_weights_on_the_simplex_judged_on_held_out_halves():
+    rng = np.random.default_rng(2)
+    y = rng.normal(-1, 1, (3000, 2))
+    shared = rng.normal(0, 0.03, y.shape)  # what two of them get wrong together
+    a = y + shared + rng.normal(0, 0.01, y.shape)
+    b = y + shared + rng.normal(0, 0.01, y.shape)
+    c = y + rng.normal(0, 0.04, y.shape)  # worse alone, but errs on its own
+    weights, report = fit_value_weights(np.stack([a, b, c]), y, TARGETS, {"band_gap"})
+    for w, t in zip(weights, TARGETS, strict=True):
+        assert sum(w) == pytest.approx(1.0) and min(w) >= 0
+        assert w[2] > 0.2  # the independent model is worth a real share
+        r = report[t]
+        assert r["held_out_mae"] < min(r["model_maes"])
+    # a trio with a useless third model gives that one no weight
+    junk = y + rng.normal(0, 1.0, y.shape)
+    weights, _ = fit_value_weights(np.stack([a, c, junk]), y, TARGETS, {"band_gap"})
+    assert all(w[2] == 0 for w in weights)
+    assert simplex_grid(3, 50).shape == (1326, 3)
+    assert simplex_grid(3, 50).sum(1) == pytest.approx(np.ones(1326))
+
+
+def test_three_value_models_with_dropout_off_give_value_and_floored_sigma(silicon, rocksalt):
+    members = [_model(0.2, seed) for seed in (1, 2)]
+    values = [_model(0.0, 7), _model(0.0, 8), _model(0.0, 9)]
+    card = {"value_weights": {"formation_energy_per_atom": [0.5, 0.3, 0.2],
+                              "band_gap": [0.2, 0.2, 0.6]},
+            "calibration": {"value3": {"formation_energy_per_atom": {"scale": 2.0,
+                                                                     "floor": 0.05},
+                                       "band_gap": {"scale": 3.0, "floor": 0.2}}}}
+    predictor = SurrogatePredictor.from_models(
+        [m for m, _ in members], [b for _, b in members], device=CPU, mc_samples=0,
+        value=values, card=card)
+    assert predictor.mode == "value3" and predictor.values_only and predictor.calibrated
+    graphs = [predictor.graph(s) for s in (silicon, rocksalt)]
+    alone = [_alone(v, graphs) for v in values]
+    mean, sigma = predictor.predict_graphs(graphs)
+    w = np.array([[0.5, 0.2], [0.3, 0.2], [0.2, 0.6]])
+    point = sum(w[i] * alone[i] for i in range(3))
+    assert mean[:, 0] == pytest.approx(point[:, 0], abs=1e-6)
+    spread = np.sqrt(sum((x - point) ** 2 for x in alone) / 3)
+    expected = np.array([2.0, 3.0]) * np.sqrt(np.array([0.05, 0.2]) ** 2 + spread**2)
+    assert sigma == pytest.approx(expected, rel=1e-5)

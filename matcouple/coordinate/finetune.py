@@ -52,7 +52,12 @@ from matcouple.errors import MatcoupleError
 from matcouple.settings import get_settings
 from matcouple.store.registry import REFUSED, ModelRegistry
 from matcouple.surrogate.data import load_graphs
-from matcouple.surrogate.graph import GraphSpec, structure_to_graph
+from matcouple.surrogate.graph import (
+    GraphSpec,
+    common_spec,
+    nearest_graphs,
+    structure_to_graph,
+)
 from matcouple.surrogate.model import have_dropout
 from matcouple.surrogate.predict import (
     SurrogatePredictor,
@@ -264,7 +269,8 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     value_names = value_model_names(card)
     values = [load_model(base_dir / name, device) for name in value_names]
     targets = tuple(blobs[0]["model_config"]["targets"])
-    spec = GraphSpec(**blobs[0]["graph_spec"])
+    # one set of graphs, with the most neighbours any model reads (GraphBatch.nearest)
+    spec = common_spec([GraphSpec(**b["graph_spec"]) for b in blobs + [v[1] for v in values]])
     lap("load_model")
     replay_path = Path(config.replay_data)
     if not replay_path.exists():
@@ -312,8 +318,10 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     bar = tqdm(jobs, desc="fine-tune", unit="model", disable=not config.progress)
     for k, (model, blob, _name) in enumerate(bar):
         gen = torch.Generator().manual_seed(config.seed + k)
-        loader = DataLoader(train_graphs, batch_size=config.batch_size, shuffle=True,
-                            generator=gen)
+        k_model = int(blob["graph_spec"]["k"])
+        own = train_graphs if k_model == spec.k else \
+            nearest_graphs(train_graphs, k_model, spec.tie_tol)
+        loader = DataLoader(own, batch_size=config.batch_size, shuffle=True, generator=gen)
         wd = float(blob.get("train_config", {}).get("weight_decay", 1e-5))
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=wd)
         total = config.epochs * len(loader)

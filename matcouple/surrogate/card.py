@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,8 @@ from matcouple.surrogate.predict import (
 )
 from matcouple.surrogate.uncertainty import cross_fitted_calibration, with_floor
 from matcouple.surrogate.value_blend import (
-    fit_pair_weights,
     fit_value_blend,
+    fit_value_weights,
     weighted_values,
 )
 
@@ -84,9 +85,10 @@ def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet
     dropout off and with ``mc_samples`` MC passes (default ``Settings.surrogate_mc_samples``)
     on the first ``mc_limit`` rows (default all), each mode with its calibration scales.
     ``value_model``: a file in ``model_dir`` (not a member) whose prediction is the value,
-    the members giving its sigma; each mode is then calibrated with and without it. Two
-    files make a value pair: their weights are fitted on the split, and with dropout off
-    the pair alone gives value and sigma (mode ``value2``, its spread given a floor)."""
+    the members giving its sigma; each mode is then calibrated with and without it. Two or
+    more files make a value pair or trio: their weights are fitted on the split
+    (:func:`fit_value_weights`), and with dropout off they alone give value and sigma
+    (mode ``value2``/``value3``, their spread given a floor)."""
     values = [] if value_model is None else [value_model] if isinstance(value_model, str) \
         else list(value_model)
     members = sorted(p.name for p in model_dir.glob("crysformer-*.pt") if p.name not in values)
@@ -106,7 +108,12 @@ def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet
                  "train_split": "megnet train", "evaluated_on": f"{split_column}={split}",
                  "n_eval": len(graphs)},
         "model_config": predictor.blobs[0]["model_config"],
-        "graph_spec": predictor.blobs[0]["graph_spec"],
+        # the graphs the predictor builds; a model trained on fewer neighbours reads
+        # its k-nearest part (``model_graph_k``)
+        "graph_spec": asdict(predictor.spec),
+        "model_graph_k": {name: int(b["graph_spec"]["k"]) for name, b in zip(
+            members + values, predictor.blobs + [v[1] for v in predictor.values],
+            strict=True)},
         "train_config": predictor.blobs[0]["train_config"],
         "member_val_mae": [b["val_mae"] for b in predictor.blobs],
         "member_epochs": [b["epochs_trained"] for b in predictor.blobs],
@@ -127,11 +134,11 @@ def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet
         means, variances, preds = predictor.raw_outputs(subset)
         y = truth[: len(subset)]
         floors = non_negative_rows(subset, targets)
-        if len(values) > 1 and value_weights is None:  # the pair's weights, fitted once
-            value_weights, pair_report = fit_pair_weights(preds, y, targets, floors)
+        if len(values) > 1 and value_weights is None:  # the values' weights, fitted once
+            value_weights, fit_report = fit_value_weights(preds, y, targets, floors)
             card["value_weights"] = {t: w for t, w in zip(targets, value_weights,
                                                           strict=True)}
-            card["value_pair"] = pair_report
+            card["value_weights_fit"] = fit_report
         point = None if preds is None else weighted_values(preds, value_weights)
         runs = [(mode_name(len(members), 0, mc), None)] + (
             [(mode_name(len(members), len(values), mc), point)] if values else [])

@@ -8,11 +8,13 @@ graphs have exactly three arrays, and concatenating those directly costs a fract
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+
+from matcouple.surrogate.graph import nearest_edges_mask
 
 
 @dataclass
@@ -25,6 +27,19 @@ class GraphBatch:
     edge_vec: torch.Tensor    # (edges, 3)
     batch: torch.Tensor       # (atoms,) int64, crystal of each atom
     num_graphs: int
+    # k -> this batch's k-nearest subgraph, built once for every model that reads it
+    _nearest: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def nearest(self, k: int, tie_tol: float) -> GraphBatch:
+        """The batch with each atom's k nearest neighbours only (ties kept): the input of
+        a model trained on k neighbours when the graphs were built with more."""
+        key = (k, tie_tol)
+        if key not in self._nearest:
+            keep = nearest_edges_mask(self.edge_index, self.edge_vec, self.num_nodes, k,
+                                      tie_tol)
+            self._nearest[key] = GraphBatch(self.z, self.edge_index[:, keep],
+                                            self.edge_vec[keep], self.batch, self.num_graphs)
+        return self._nearest[key]
 
     @property
     def num_nodes(self) -> int:

@@ -12,7 +12,8 @@ depend on atom order and on the choice of unit cell.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -86,6 +87,49 @@ def knn_edges(structure: Structure, spec: GraphSpec) -> tuple[np.ndarray, np.nda
     cart = structure.cart_coords
     vec = cart[points] + images @ structure.lattice.matrix - cart[centers]
     return points.astype(np.int64), centers.astype(np.int64), vec.astype(np.float32)
+
+
+def common_spec(specs: Sequence[GraphSpec]) -> GraphSpec:
+    """The one graph that serves models trained with different k: the largest k, since a
+    k-nearest graph holds every smaller k's edges (:func:`nearest_edges_mask` picks them
+    out); every other setting must agree."""
+    widest = max(specs, key=lambda spec: spec.k)
+    for spec in specs:
+        if replace(spec, k=widest.k) != widest:
+            raise MatcoupleError(f"models disagree on graph settings other than k: {spec} "
+                                 f"and {widest}")
+    return widest
+
+
+def nearest_edges_mask(edge_index: torch.Tensor, edge_vec: torch.Tensor, num_nodes: int,
+                       k: int, tie_tol: float) -> torch.Tensor:
+    """Which edges of a wider k-nearest graph (or a batch of them) form its k-nearest
+    subgraph: each atom's k nearest incoming edges and those tied with the k-th, the rule
+    of :func:`knn_edges`, so a model trained on k neighbours can read a graph built for a
+    model with more."""
+    dst = edge_index[1]
+    dist = edge_vec.double().norm(dim=1)
+    order = torch.argsort(dist, stable=True)
+    order = order[torch.argsort(dst[order], stable=True)]
+    counts = torch.bincount(dst, minlength=num_nodes)
+    if num_nodes and int(counts.min()) < k:
+        raise MatcoupleError(f"a graph with fewer than {k} neighbours per atom cannot give "
+                             f"a {k}-nearest subgraph")
+    starts = torch.cumsum(counts, 0) - counts
+    kth = dist[order[starts + k - 1]]
+    return dist <= kth[dst] + tie_tol
+
+
+def nearest_graphs(graphs: list, k: int, tie_tol: float) -> list:
+    """PyG graphs cut down to their k-nearest subgraphs (the other attributes kept): the
+    training input of a model on k neighbours when the graphs were built with more."""
+    out = []
+    for g in graphs:
+        keep = nearest_edges_mask(g.edge_index, g.edge_vec, g.num_nodes, k, tie_tol)
+        cut = g.clone()
+        cut.edge_index, cut.edge_vec = g.edge_index[:, keep], g.edge_vec[keep]
+        out.append(cut)
+    return out
 
 
 def atomic_numbers(structure: Structure) -> np.ndarray:

@@ -3,10 +3,11 @@
 A predictor holds an ensemble of exported models plus the calibration scales of the
 model card, and optionally a *value model*: one more accurate model whose prediction is the
 value, the ensemble's samples then giving its sigma (their RMS deviation from it). A card
-may name two value models (a *value pair*, trained from different starts): their weighted
-value is the value; with MC dropout the ensemble still gives the sigma, and with dropout
-off (the fast mode) the pair's own disagreement does, given a fitted floor, and the
-ensemble is not run.
+may name two or more value models (a *value pair* or trio, trained from different starts
+or on different graphs): their weighted value is the value; with MC dropout the ensemble
+still gives the sigma, and with dropout off (the fast mode) their own disagreement does,
+given a fitted floor, and the ensemble is not run. Models trained on different numbers of
+neighbours share one graph, built for the most (each reads its k-nearest part).
 Structures that cannot be used are returned as rows with an error, so one bad file never
 costs the rest of a batch.
 """
@@ -33,6 +34,7 @@ from matcouple.surrogate.collate import GraphBatch, collate_graphs
 from matcouple.surrogate.graph import (
     CompactCrystal,
     GraphSpec,
+    common_spec,
     compact_crystal,
     crystal_from_compact,
     structure_to_graph,
@@ -182,12 +184,14 @@ class SurrogatePredictor:
             m.set_fused(get_settings().surrogate_fused_tp)
         first = self.blobs[0]
         self.targets = tuple(first["model_config"]["targets"])
-        self.spec = GraphSpec(**first["graph_spec"])
-        for b in self.blobs[1:] + [v[1] for v in values]:
-            if tuple(b["model_config"]["targets"]) != self.targets or \
-                    GraphSpec(**b["graph_spec"]) != self.spec:
-                raise MatcoupleError("ensemble members (and value model) disagree on "
-                                     "targets or graph settings")
+        every = self.blobs + [v[1] for v in values]
+        for b in every[1:]:
+            if tuple(b["model_config"]["targets"]) != self.targets:
+                raise MatcoupleError("ensemble members (and value models) disagree on "
+                                     "targets")
+        # graphs are built once, with the most neighbours any model reads; a model
+        # trained on fewer reads its k-nearest subgraph (GraphBatch.nearest)
+        self.spec = common_spec([GraphSpec(**b["graph_spec"]) for b in every])
         self.card = card or {}
         self.version = self.card.get("version", "uncalibrated")
         stored = self.card.get("value_weights")
@@ -230,7 +234,7 @@ class SurrogatePredictor:
 
     @property
     def values_only(self) -> bool:
-        """A value pair with dropout off: the pair alone gives value and sigma."""
+        """Two or more value models with dropout off: they alone give value and sigma."""
         return len(self.values) > 1 and not self.mc_samples
 
     @property
@@ -337,7 +341,7 @@ class SurrogatePredictor:
         n_members = len(models)
         if values:
             models += self.values
-        jobs = [(m, b, batch) for m, b in models for batch in batches]
+        jobs = [(m, b, self._input(b, batch)) for m, b in models for batch in batches]
         parallel = min(len(jobs), os.cpu_count() or 1) if self.device.type == "cpu" else 1
         outs = self._run(jobs, parallel)
         per = len(batches)
@@ -350,6 +354,11 @@ class SurrogatePredictor:
         if not n_members:
             return None, None, value_preds
         return means[:n_members], variances[:n_members], value_preds
+
+    def _input(self, blob: dict, batch: GraphBatch) -> GraphBatch:
+        """The batch as the model of ``blob`` was trained to read it."""
+        k = int(blob["graph_spec"]["k"])
+        return batch if k == self.spec.k else batch.nearest(k, self.spec.tie_tol)
 
     def _run(self, jobs: list[tuple[Crysformer, dict, GraphBatch]], parallel: int
              ) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -136,22 +136,71 @@ def weighted_values(values: np.ndarray, weights: Sequence[Sequence[float]] | Non
     return np.einsum("knt,tk->nt", values, np.asarray(weights, dtype=values.dtype))
 
 
-def fit_pair_weights(values: np.ndarray, y: np.ndarray, targets: Sequence[str],
-                     non_negative: set[str] | np.ndarray
-                     ) -> tuple[list[list[float]], dict[str, dict[str, float]]]:
-    """Per-target weights (1 - w, w) of a value pair's predictions (2, N, T), w on
-    :data:`PAIR_WEIGHT_GRID` with the lowest val MAE, and per target the held-out report:
-    the MAE with w fitted on the other half, and each model's own MAE."""
+def _compositions(k: int, total: int) -> list[list[int]]:
+    """Every list of ``k`` non-negative integers summing to ``total``, the first largest
+    first."""
+    if k == 1:
+        return [[total]]
+    return [[first, *rest] for first in range(total, -1, -1)
+            for rest in _compositions(k - 1, total - first)]
+
+
+def simplex_grid(k: int, steps: int) -> np.ndarray:
+    """Every way of sharing a weight of 1 among ``k`` models in steps of 1/``steps``,
+    (points, k), the first model alone first."""
+    return np.array(_compositions(k, steps), dtype=float) / steps
+
+
+def _best_row(values: np.ndarray, y: np.ndarray, non_negative: NonNegative,
+              grid: np.ndarray) -> int:
+    """The grid row whose weighted values (K, N) have the lowest MAE against ``y``."""
+    maes = np.empty(len(grid))
+    for i in range(0, len(grid), 256):  # (chunk, N) at a time: bounded memory
+        pred = floor_at_zero(grid[i:i + 256] @ values, non_negative)
+        maes[i:i + 256] = np.abs(pred - y).mean(axis=1)
+    return int(np.argmin(maes))  # argmin: the first of ties
+
+
+def fit_value_weights(values: np.ndarray, y: np.ndarray, targets: Sequence[str],
+                      non_negative: set[str] | np.ndarray, steps: int | None = None,
+                      seed: int = 0) -> tuple[list[list[float]], dict[str, dict]]:
+    """Per-target weights of K value models' predictions (K, N, T): the point of
+    :func:`simplex_grid` with the lowest MAE (rows with a label only), and per target the
+    report: the MAE on each seeded half with the weights fitted on the other (what is
+    quoted), and each model's own MAE. ``steps``: 100 for a pair, 50 beyond."""
+    k = values.shape[0]
+    grid = simplex_grid(k, steps or (100 if k == 2 else 50))
     floors = _target_rows(non_negative, targets)
     weights, report = [], {}
     for j, t in enumerate(targets):
-        fit = cross_fitted_weight(values[0, :, j], values[1, :, j], y[:, j], floors[j],
-                                  grid=PAIR_WEIGHT_GRID)
-        w = fit["ensemble_weight"]
-        known = ~np.isnan(y[:, j])
-        own = floor_at_zero(values[1, known, j], _rows(floors[j], known))
-        second = float(np.abs(own - y[known, j]).mean()) if known.any() else float("nan")
-        weights.append([1.0 - w, w])
-        report[t] = {"pair_weight": w, "pair_held_out_mae": fit["held_out_mae"],
-                     "pair_first_mae": fit["value_model_mae"], "pair_second_mae": second}
+        known = np.flatnonzero(~np.isnan(y[:, j]))
+        v, truth, floor = values[:, known, j], y[known, j], _rows(floors[j], known)
+        if not len(known):
+            weights.append([1.0 / k] * k)
+            report[t] = {"weights": weights[-1], "held_out_mae": float("nan"),
+                         "model_maes": [float("nan")] * k}
+            continue
+        w = grid[_best_row(v, truth, floor, grid)]
+        held = np.empty(len(known))
+        halves = seeded_halves(len(known), seed)
+        for fit, test in (halves, halves[::-1]):
+            w_half = grid[_best_row(v[:, fit], truth[fit], _rows(floor, fit), grid)]
+            held[test] = floor_at_zero(w_half @ v[:, test], _rows(floor, test))
+        weights.append([float(x) for x in w])
+        report[t] = {"weights": weights[-1],
+                     "held_out_mae": float(np.abs(held - truth).mean()),
+                     "model_maes": [float(np.abs(floor_at_zero(v[m], floor) - truth).mean())
+                                    for m in range(k)]}
     return weights, report
+
+
+def fit_pair_weights(values: np.ndarray, y: np.ndarray, targets: Sequence[str],
+                     non_negative: set[str] | np.ndarray
+                     ) -> tuple[list[list[float]], dict[str, dict[str, float]]]:
+    """:func:`fit_value_weights` of a value pair (2, N, T), reported as (1 - w, w): per
+    target w, its held-out MAE and each model's own MAE."""
+    weights, report = fit_value_weights(values, y, targets, non_negative)
+    return weights, {t: {"pair_weight": r["weights"][1],
+                         "pair_held_out_mae": r["held_out_mae"],
+                         "pair_first_mae": r["model_maes"][0],
+                         "pair_second_mae": r["model_maes"][1]} for t, r in report.items()}
