@@ -52,7 +52,7 @@ def test_batch_size_does_not_change_predictions(fast_predictor, silicon, rocksal
     """The CPU default batch (small, for cache) and a big one give the same numbers, and
     graphs of different sizes batched together do not leak into each other."""
     predictor = fast_predictor
-    assert predictor.calibrated and predictor.mode == "value3"
+    assert predictor.calibrated and predictor.mode == "value2"
     items = [(f"s{k}", s) for k, s in enumerate([silicon, rocksalt, silicon * (2, 1, 1),
                                                   rocksalt * (1, 2, 2), silicon] * 3)]
     assert predictor.default_batch_size == 16  # CPU in tests

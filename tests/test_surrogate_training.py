@@ -348,3 +348,49 @@ def test_model_card_fits_a_value_pair_and_its_fast_mode_skips_the_members(tmp_pa
             spread, entry["floor"]), rel=1e-4)
     slow = SurrogatePredictor.default(model_dir=folder, device="cpu", mc_samples=2)
     assert slow.mode == "value2+ensemble2+mc2" and slow.calibrated
+
+
+def test_model_card_with_three_value_models_and_a_cheaper_fast_mode(tmp_path):
+    """Three value models in the MC mode; with dropout off only the first two run, with
+    their own weights and calibration (the card's ``fast_value_count``)."""
+    from matcouple.surrogate.card import build_model_card
+
+    folder = tmp_path / "models"
+    for seed, dropout, name, k in ((1, 0.1, "crysformer-t-s1.pt", 12),
+                                   (2, 0.1, "crysformer-t-s2.pt", 12),
+                                   (3, 0.0, "value-a.pt", 14), (4, 0.0, "value-b.pt", 12),
+                                   (5, 0.0, "value-c.pt", 12)):
+        cfg = _cfg(epochs=1, seed=seed, model={**TINY, "dropout": dropout}, graph={"k": k})
+        train(cfg, tmp_path / f"{seed}.ckpt", progress=False, workers=1)
+        export_model(tmp_path / f"{seed}.ckpt", folder / name)
+    trio = ["value-a.pt", "value-b.pt", "value-c.pt"]
+    with pytest.raises(MatcoupleError, match="fast_value_count 3"):
+        build_model_card(folder, CI, split_column="ci_split", mc_samples=2, device="cpu",
+                         value_model=trio, fast_value_count=3, progress=False)
+    card = build_model_card(folder, CI, split_column="ci_split", mc_samples=2, device="cpu",
+                            value_model=trio, fast_value_count=2, progress=False)
+    assert set(card["calibration"]) == {"ensemble2", "ensemble2+mc2", "value3", "value2",
+                                        "value3+ensemble2+mc2"}
+    assert card["default_mode"] == "value3+ensemble2+mc2" and card["fast_value_count"] == 2
+    for t in ("formation_energy_per_atom", "band_gap"):
+        assert len(card["value_weights"][t]) == 3 and len(card["fast_value_weights"][t]) == 2
+        assert sum(card["fast_value_weights"][t]) == pytest.approx(1.0)
+    fast = SurrogatePredictor.default(model_dir=folder, device="cpu", mc_samples=0)
+    assert fast.mode == "value2" and fast.calibrated and len(fast.values) == 2
+    assert fast.spec.k == 14
+    calls = []
+    fast.all_values[2][0].register_forward_hook(lambda *_: calls.append(1))
+    graphs = load_graphs(CI, ("formation_energy_per_atom", "band_gap"),
+                         split_column="ci_split", split="val", spec=fast.spec,
+                         progress=False).graphs
+    truth = torch.cat([g.y for g in graphs]).numpy()
+    mean, _ = fast.predict_graphs(graphs)
+    assert not calls  # the third value model is not run in the fast mode
+    for j, t in enumerate(("formation_energy_per_atom", "band_gap")):
+        assert card["calibration"]["value2"][t]["mae"] == pytest.approx(
+            float(np.abs(mean[:, j] - truth[:, j]).mean()), rel=1e-4)
+    fast.mc_samples = 2  # switching modes switches the value models and their weights
+    assert fast.mode == "value3+ensemble2+mc2" and len(fast.values) == 3 and fast.calibrated
+    assert fast.value_weights == [card["value_weights"][t] for t in fast.targets]
+    fast.predict_graphs(graphs[:2])
+    assert calls

@@ -71,9 +71,12 @@ def test_the_value_model_leaves_the_members_mc_passes_unchanged(silicon, rocksal
 
 
 def test_a_value_model_on_other_graphs_or_targets_is_refused():
-    with pytest.raises(MatcoupleError, match="value model"):
-        _predictor(_model(0.0, 7, spec=GraphSpec(k=8)))
-    with pytest.raises(MatcoupleError, match="value model"):
+    # another k is served (the graph is cut down to it: test_graph_nearest.py) ...
+    assert _predictor(_model(0.0, 7, spec=GraphSpec(k=8))).spec.k == 12
+    # ... any other graph setting is not
+    with pytest.raises(MatcoupleError, match="graph settings other than k"):
+        _predictor(_model(0.0, 7, spec=GraphSpec(max_radius=20.0)))
+    with pytest.raises(MatcoupleError, match="value models"):
         _predictor(_model(0.0, 7, targets=("band_gap",)))
 
 

@@ -300,8 +300,11 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     truth = torch.cat([g.y for g in eval_graphs]).numpy()
     if config.mc_samples and not have_dropout(models):  # no MC spread: score the ensemble
         config = replace(config, mc_samples=0)
-    mode = mode_name(len(models), len(values), config.mc_samples)
-    pair_only = mode == f"value{len(values)}" and len(values) > 1
+    # with dropout off the card may run only its first value models (the fast mode)
+    n_fast = int(card.get("fast_value_count", 0))
+    active = n_fast if not config.mc_samples and 1 < n_fast < len(values) else len(values)
+    mode = mode_name(len(models), active, config.mc_samples)
+    pair_only = not config.mc_samples and active > 1
     floors = non_negative_rows(eval_graphs, targets)
     current_mean, _ = ensemble_value_and_sigma(*ensemble_outputs(
         models, blobs, values, eval_graphs, device, config.mc_samples, card=card), targets,

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from matcouple.errors import MatcoupleError
 from matcouple.settings import get_settings
 from matcouple.surrogate.data import load_graphs
 from matcouple.surrogate.predict import (
@@ -80,6 +81,7 @@ def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet
                      split: str = "val", mc_samples: int | None = None,
                      mc_limit: int | None = None, device: str | None = None,
                      value_model: str | Sequence[str] | None = None,
+                     fast_value_count: int | None = None,
                      progress: bool = True) -> dict:
     """Evaluate the ensemble in ``model_dir`` on a split and write ``model_card.json``:
     dropout off and with ``mc_samples`` MC passes (default ``Settings.surrogate_mc_samples``)
@@ -88,9 +90,14 @@ def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet
     the members giving its sigma; each mode is then calibrated with and without it. Two or
     more files make a value pair or trio: their weights are fitted on the split
     (:func:`fit_value_weights`), and with dropout off they alone give value and sigma
-    (mode ``value2``/``value3``, their spread given a floor)."""
+    (mode ``value2``/``value3``, their spread given a floor). ``fast_value_count``: with
+    dropout off only the first that many value models run (the fast mode, cheaper), with
+    their own weights (``fast_value_weights``) and calibration."""
     values = [] if value_model is None else [value_model] if isinstance(value_model, str) \
         else list(value_model)
+    if fast_value_count is not None and not 1 < fast_value_count < len(values):
+        raise MatcoupleError(f"fast_value_count {fast_value_count}: the fast mode needs at "
+                             f"least 2 and fewer than the {len(values)} value models")
     members = sorted(p.name for p in model_dir.glob("crysformer-*.pt") if p.name not in values)
     mc_samples = get_settings().surrogate_mc_samples if mc_samples is None else mc_samples
     predictor = SurrogatePredictor([model_dir / m for m in members], device=device,
@@ -140,14 +147,23 @@ def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet
                                                           strict=True)}
             card["value_weights_fit"] = fit_report
         point = None if preds is None else weighted_values(preds, value_weights)
-        runs = [(mode_name(len(members), 0, mc), None)] + (
-            [(mode_name(len(members), len(values), mc), point)] if values else [])
-        for mode, value in runs:
-            # a value pair with dropout off: the pair alone gives value and sigma
-            pair_only = value is not None and len(values) > 1 and not mc
+        runs = [(mode_name(len(members), 0, mc), None, preds)] + (
+            [(mode_name(len(members), len(values), mc), point, preds)] if values else [])
+        if fast_value_count and not mc:  # the fast mode: the first value models only
+            fast = preds[:fast_value_count]
+            fast_weights, fast_report = fit_value_weights(fast, y, targets, floors)
+            card["fast_value_count"] = fast_value_count
+            card["fast_value_weights"] = {t: w for t, w in zip(targets, fast_weights,
+                                                               strict=True)}
+            card["fast_value_weights_fit"] = fast_report
+            runs.append((mode_name(len(members), fast_value_count, 0),
+                         weighted_values(fast, fast_weights), fast))
+        for mode, value, value_preds in runs:
+            # two or more value models with dropout off: they alone give value and sigma
+            pair_only = value is not None and len(value_preds) > 1 and not mc
             if pair_only:
-                mean, sigma = ensemble_value_and_sigma(preds, np.zeros_like(preds), point,
-                                                       targets, None, floors)
+                mean, sigma = ensemble_value_and_sigma(value_preds, np.zeros_like(value_preds),
+                                                       value, targets, None, floors)
                 blends: dict = {}
             else:
                 weights, blends = fit_value_blend(value, means, variances, y, targets,

@@ -179,7 +179,9 @@ class SurrogatePredictor:
                values: list[tuple[Crysformer, dict]]) -> None:
         self.device = device
         self.models, self.blobs = models, blobs
-        self.values = values
+        # every value model; ``values`` are those the current mode runs (the card's
+        # ``fast_value_count`` first ones with dropout off, all of them otherwise)
+        self.all_values = self.values = values
         for m in models + [v[0] for v in values]:
             m.set_fused(get_settings().surrogate_fused_tp)
         first = self.blobs[0]
@@ -194,9 +196,6 @@ class SurrogatePredictor:
         self.spec = common_spec([GraphSpec(**b["graph_spec"]) for b in every])
         self.card = card or {}
         self.version = self.card.get("version", "uncalibrated")
-        stored = self.card.get("value_weights")
-        self.value_weights = [stored[t] for t in self.targets] if stored and \
-            len(values) > 1 else None
         # Members trained without dropout have no MC spread: their default is the ensemble.
         self.has_dropout = have_dropout(models)
         default = get_settings().surrogate_mc_samples if self.has_dropout else 0
@@ -211,12 +210,20 @@ class SurrogatePredictor:
         """Switching the mode switches to that mode's calibration scales."""
         if value < 0 or value == 1:
             raise MatcoupleError(f"mc_samples must be 0 (dropout off) or >= 2, got {value}")
+        # the fast mode may run only the first value models (cheaper, its own weights)
+        n_fast = int(self.card.get("fast_value_count", 0))
+        fast = not value and 1 < n_fast < len(self.all_values)
+        active = self.all_values[:n_fast] if fast else self.all_values
         if value and not self.has_dropout:
             raise MatcoupleError("MC dropout needs members trained with dropout > 0; these "
                                  "have none: use --mc-samples 0 (the ensemble's spread)")
-        if len(self.models) < 2 and value < 2 and len(self.values) < 2:
+        if len(self.models) < 2 and value < 2 and len(active) < 2:
             raise MatcoupleError("an uncertainty needs >= 2 ensemble members or "
                                  "--mc-samples >= 2")
+        stored = self.card.get("fast_value_weights" if fast else "value_weights")
+        self.values = active
+        self.value_weights = [stored[t] for t in self.targets] if stored and \
+            len(active) > 1 else None
         self._mc_samples = int(value)
         scales = self.card.get("calibration", {}).get(self.mode, {})
         self.scales = {t: float(scales.get(t, {}).get("scale", 1.0)) for t in self.targets}

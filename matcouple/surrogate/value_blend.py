@@ -6,9 +6,10 @@ averages part of the error away; the ensemble runs anyway for the sigma, so the 
 nothing at prediction. The fraction is fitted per target and mode on the validation split,
 next to the calibration scale, and judged on held-out halves like the scale.
 
-A card may name two value models (a *value pair*: ``value_models``, trained from different
-starts); their value is the first moved a fitted fraction of the way to the second
-(``value_weights``, per target), fitted and judged the same way.
+A card may name two or more value models (``value_models``, trained from different starts
+or on different graphs); their value is their weighted sum (``value_weights``, per target,
+on a grid of the simplex: for a pair, the first moved a fraction of the way to the second),
+fitted and judged the same way.
 """
 
 from __future__ import annotations
