@@ -61,6 +61,7 @@ from matcouple.surrogate.graph import (
 from matcouple.surrogate.model import have_dropout
 from matcouple.surrogate.predict import (
     SurrogatePredictor,
+    active_value_count,
     ensemble_value_and_sigma,
     load_model,
     mode_name,
@@ -301,8 +302,7 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     if config.mc_samples and not have_dropout(models):  # no MC spread: score the ensemble
         config = replace(config, mc_samples=0)
     # with dropout off the card may run only its first value models (the fast mode)
-    n_fast = int(card.get("fast_value_count", 0))
-    active = n_fast if not config.mc_samples and 1 < n_fast < len(values) else len(values)
+    active = active_value_count(card, len(values), config.mc_samples)
     mode = mode_name(len(models), active, config.mc_samples)
     pair_only = not config.mc_samples and active > 1
     floors = non_negative_rows(eval_graphs, targets)
@@ -318,13 +318,16 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
     jobs = list(zip(models, blobs, card["members"], strict=True))
     # the value models learn from the buffer like the members
     jobs += [(v[0], v[1], name) for v, name in zip(values, value_names, strict=True)]
+    # each model trains on the graph it reads, cut once per k (GraphBatch.nearest's rule)
+    graphs_for_k = {spec.k: train_graphs}
     bar = tqdm(jobs, desc="fine-tune", unit="model", disable=not config.progress)
     for k, (model, blob, _name) in enumerate(bar):
         gen = torch.Generator().manual_seed(config.seed + k)
         k_model = int(blob["graph_spec"]["k"])
-        own = train_graphs if k_model == spec.k else \
-            nearest_graphs(train_graphs, k_model, spec.tie_tol)
-        loader = DataLoader(own, batch_size=config.batch_size, shuffle=True, generator=gen)
+        if k_model not in graphs_for_k:
+            graphs_for_k[k_model] = nearest_graphs(train_graphs, k_model, spec.tie_tol)
+        loader = DataLoader(graphs_for_k[k_model], batch_size=config.batch_size,
+                            shuffle=True, generator=gen)
         wd = float(blob.get("train_config", {}).get("weight_decay", 1e-5))
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=wd)
         total = config.epochs * len(loader)

@@ -141,6 +141,14 @@ def mode_name(members: int, values: int, mc_samples: int) -> str:
     return prefix + f"ensemble{members}" + (f"+mc{mc_samples}" if mc_samples else "")
 
 
+def active_value_count(card: dict, n_values: int, mc_samples: int) -> int:
+    """How many of a card's value models a mode runs: with dropout off only the first
+    ``fast_value_count`` (the cheaper fast mode) when the card names fewer than all, else
+    every one."""
+    n_fast = int(card.get("fast_value_count", 0))
+    return n_fast if not mc_samples and 1 < n_fast < n_values else n_values
+
+
 class SurrogatePredictor:
     """An ensemble of Crysformer models with calibrated uncertainties.
 
@@ -211,9 +219,8 @@ class SurrogatePredictor:
         if value < 0 or value == 1:
             raise MatcoupleError(f"mc_samples must be 0 (dropout off) or >= 2, got {value}")
         # the fast mode may run only the first value models (cheaper, its own weights)
-        n_fast = int(self.card.get("fast_value_count", 0))
-        fast = not value and 1 < n_fast < len(self.all_values)
-        active = self.all_values[:n_fast] if fast else self.all_values
+        active = self.all_values[:active_value_count(self.card, len(self.all_values), value)]
+        fast = len(active) < len(self.all_values)
         if value and not self.has_dropout:
             raise MatcoupleError("MC dropout needs members trained with dropout > 0; these "
                                  "have none: use --mc-samples 0 (the ensemble's spread)")

@@ -22,8 +22,6 @@ from matcouple.surrogate.uncertainty import combine, seeded_halves
 
 # Fractions tried: the ensemble is the weaker predictor, so more than half is never useful.
 WEIGHT_GRID = np.linspace(0.0, 0.5, 51)
-# Between two value models either may be the better one.
-PAIR_WEIGHT_GRID = np.linspace(0.0, 1.0, 101)
 
 
 NonNegative = bool | np.ndarray  # for a whole target, or per row (a bool array)
