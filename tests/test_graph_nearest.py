@@ -135,3 +135,30 @@ def test_a_predictor_serves_models_of_different_k_each_its_own_graph(silicon, ro
     on12 = SurrogatePredictor.from_models([wide[0], wide[0]], [narrow[1], narrow[1]],
                                           device=CPU, mc_samples=0)
     assert not np.allclose(values[1], on12.member_outputs(graphs12)[0][0], atol=1e-4)
+
+
+def test_the_fast_mode_builds_only_the_neighbours_its_value_models_read(silicon, rocksalt):
+    """A card whose fast mode runs two 12-neighbour value models of three (the third reads
+    16): predict() in that mode builds 12-neighbour graphs, and gives what the same mode
+    gives on the 16-neighbour graphs cut down; the full mode builds 16."""
+    members = [_model(0.2, seed) for seed in (1, 2)]
+    values = [_model(0.0, 7), _model(0.0, 9), _model(0.0, 8, GraphSpec(k=16))]
+    weights = {"formation_energy_per_atom": [0.7, 0.3], "band_gap": [0.4, 0.6]}
+    card = {"fast_value_count": 2, "fast_value_weights": weights,
+            "value_weights": {t: [0.5, 0.2, 0.3] for t in weights}}
+    fast = SurrogatePredictor.from_models([m for m, _ in members], [b for _, b in members],
+                                          device=CPU, mc_samples=0, value=values, card=card)
+    assert fast.mode == "value2" and (fast.spec.k, fast.mode_spec.k) == (16, 12)
+    crystals = _crystals(silicon, rocksalt)
+    rows = fast.predict([(str(i), c) for i, c in enumerate(crystals)])
+    wide = [fast.graph(c) for c in crystals]  # built with 16 neighbours
+    mean, sigma = fast.predict_graphs(wide)
+    for j, t in enumerate(fast.targets):
+        assert [r.values[t] for r in rows] == pytest.approx(mean[:, j].tolist(), abs=1e-5)
+        assert [r.sigmas[t] for r in rows] == pytest.approx(sigma[:, j].tolist(), abs=1e-5)
+    # graphs too narrow for a model the mode runs are refused, not read as if wider
+    fast.mc_samples = 4
+    assert fast.mode == "value3+ensemble2+mc4" and fast.mode_spec.k == 16
+    narrow = [structure_to_graph(c, GraphSpec(k=12)) for c in crystals[:2]]
+    with pytest.raises(MatcoupleError, match="built with 12 neighbours cannot serve"):
+        fast.predict_graphs(narrow, graph_k=12)

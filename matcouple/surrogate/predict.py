@@ -199,8 +199,9 @@ class SurrogatePredictor:
             if tuple(b["model_config"]["targets"]) != self.targets:
                 raise MatcoupleError("ensemble members (and value models) disagree on "
                                      "targets")
-        # graphs are built once, with the most neighbours any model reads; a model
-        # trained on fewer reads its k-nearest subgraph (GraphBatch.nearest)
+        # graphs given to predict_graphs are built once, with the most neighbours any
+        # model reads (a model trained on fewer reads its k-nearest subgraph,
+        # GraphBatch.nearest); predict() builds only what the current mode reads
         self.spec = common_spec([GraphSpec(**b["graph_spec"]) for b in every])
         self.card = card or {}
         self.version = self.card.get("version", "uncalibrated")
@@ -229,6 +230,9 @@ class SurrogatePredictor:
                                  "--mc-samples >= 2")
         stored = self.card.get("fast_value_weights" if fast else "value_weights")
         self.values = active
+        # the fast mode need not build the neighbours only a skipped value model reads
+        self.mode_spec = common_spec([GraphSpec(**b["graph_spec"]) for b in
+                                      self.blobs + [v[1] for v in active]])
         self.value_weights = [stored[t] for t in self.targets] if stored and \
             len(active) > 1 else None
         self._mc_samples = int(value)
@@ -324,24 +328,29 @@ class SurrogatePredictor:
         return means, variances
 
     def outputs(self, graphs: Sequence[Data | dict], batch_size: int | None = None, *,
-                with_value: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                with_value: bool = True, graph_k: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """:meth:`member_outputs` plus the value model's prediction (N, targets), None
         without a value model (or ``with_value=False``); a value pair's weighted value.
         In :attr:`values_only` mode the pair's predictions stand in for the members' means
-        (variances zero) and the members are not run."""
+        (variances zero) and the members are not run. ``graph_k``: see :meth:`raw_outputs`."""
         if self.values_only and with_value:
-            _, _, values = self.raw_outputs(graphs, batch_size, members=False)
+            _, _, values = self.raw_outputs(graphs, batch_size, members=False,
+                                            graph_k=graph_k)
             return values, np.zeros_like(values), weighted_values(values, self.value_weights)
-        means, variances, values = self.raw_outputs(graphs, batch_size, values=with_value)
+        means, variances, values = self.raw_outputs(graphs, batch_size, values=with_value,
+                                                    graph_k=graph_k)
         point = None if values is None else weighted_values(values, self.value_weights)
         return means, variances, point
 
     def raw_outputs(self, graphs: Sequence[Data | dict], batch_size: int | None = None, *,
-                    members: bool = True, values: bool = True
+                    members: bool = True, values: bool = True, graph_k: int | None = None
                     ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
         """The members' means and MC variances, each (members, N, targets), and each value
         model's prediction (value models, N, targets), in physical units, before any
         weighting or calibration; None for the parts not asked for (or absent).
+        ``graph_k``: the neighbours the graphs were built with (default ``spec.k``, the
+        most any model reads; :attr:`mode_spec`'s k for graphs of the current mode).
 
         On CPU the members run side by side, one thread each: coarse-grained parallelism
         that, unlike OpenMP threads inside each op, does not collapse when other processes
@@ -355,7 +364,13 @@ class SurrogatePredictor:
         n_members = len(models)
         if values:
             models += self.values
-        jobs = [(m, b, self._input(b, batch)) for m, b in models for batch in batches]
+        built_k = self.spec.k if graph_k is None else graph_k
+        for _, b in models:
+            if int(b["graph_spec"]["k"]) > built_k:
+                raise MatcoupleError(f"graphs built with {built_k} neighbours cannot serve a "
+                                     f"model trained on {b['graph_spec']['k']}")
+        jobs = [(m, b, self._input(b, batch, built_k)) for m, b in models
+                for batch in batches]
         parallel = min(len(jobs), os.cpu_count() or 1) if self.device.type == "cpu" else 1
         outs = self._run(jobs, parallel)
         per = len(batches)
@@ -369,10 +384,11 @@ class SurrogatePredictor:
             return None, None, value_preds
         return means[:n_members], variances[:n_members], value_preds
 
-    def _input(self, blob: dict, batch: GraphBatch) -> GraphBatch:
-        """The batch as the model of ``blob`` was trained to read it."""
+    def _input(self, blob: dict, batch: GraphBatch, built_k: int) -> GraphBatch:
+        """The batch (built with ``built_k`` neighbours) as the model of ``blob`` was
+        trained to read it."""
         k = int(blob["graph_spec"]["k"])
-        return batch if k == self.spec.k else batch.nearest(k, self.spec.tie_tol)
+        return batch if k == built_k else batch.nearest(k, self.spec.tie_tol)
 
     def _run(self, jobs: list[tuple[Crysformer, dict, GraphBatch]], parallel: int
              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -395,10 +411,11 @@ class SurrogatePredictor:
         finally:
             torch.set_num_threads(threads)
 
-    def predict_graphs(self, graphs: Sequence[Data | dict], batch_size: int | None = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and calibrated sigma, each (N, targets), in physical units."""
-        means, variances, point = self.outputs(graphs, batch_size)
+    def predict_graphs(self, graphs: Sequence[Data | dict], batch_size: int | None = None,
+                       *, graph_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and calibrated sigma, each (N, targets), in physical units; ``graph_k``:
+        see :meth:`raw_outputs`."""
+        means, variances, point = self.outputs(graphs, batch_size, graph_k=graph_k)
         if self.values_only:  # the pair's spread, never below the card's floor
             variances = variances + (self.floors**2)[None, None]
         mean, sigma = ensemble_value_and_sigma(means, variances, point, self.targets,
@@ -427,9 +444,9 @@ class SurrogatePredictor:
                 # is still packing the later ones
                 built = list(pool.map(_compact_graph_or_error,
                                       (compact_crystal(s) for _, s in todo),
-                                      itertools.repeat(self.spec), chunksize=32))
+                                      itertools.repeat(self.mode_spec), chunksize=32))
         else:
-            built = [_graph_or_error(s, self.spec) for _, s in todo]
+            built = [_graph_or_error(s, self.mode_spec) for _, s in todo]
         for (k, _), g in zip(todo, built, strict=True):
             if isinstance(g, str):
                 rows[k].error = g
@@ -437,7 +454,7 @@ class SurrogatePredictor:
                 graphs.append(g)
                 where.append(k)
         if graphs:
-            mean, sigma = self.predict_graphs(graphs, batch_size)
+            mean, sigma = self.predict_graphs(graphs, batch_size, graph_k=self.mode_spec.k)
             for row_idx, m, s in zip(where, mean, sigma, strict=True):
                 rows[row_idx].values = {t: float(v) for t, v in zip(self.targets, m,
                                                                      strict=True)}
