@@ -33,7 +33,7 @@ def fast_predictor() -> SurrogatePredictor:
 
 
 def test_shipped_models_are_calibrated_and_physical(predictor, silicon, rocksalt):
-    assert predictor.calibrated and predictor.mode == "value3+ensemble3+mc8"
+    assert predictor.calibrated and predictor.mode == "value4+ensemble3+mc8"
     nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"],
                                      [[0, 0, 0], [0.5, 0.5, 0.5]])
     rows = {r.id: r for r in predictor.predict([("si", silicon), ("mgo", rocksalt),
@@ -53,6 +53,9 @@ def test_batch_size_does_not_change_predictions(fast_predictor, silicon, rocksal
     graphs of different sizes batched together do not leak into each other."""
     predictor = fast_predictor
     assert predictor.calibrated and predictor.mode == "value2"
+    # the fast pair reads 16 neighbours, so that is all its graphs are built with (the
+    # card's third value model, skipped in this mode, reads 24)
+    assert (predictor.mode_spec.k, predictor.spec.k) == (16, 24)
     items = [(f"s{k}", s) for k, s in enumerate([silicon, rocksalt, silicon * (2, 1, 1),
                                                   rocksalt * (1, 2, 2), silicon] * 3)]
     assert predictor.default_batch_size == 16  # CPU in tests
@@ -161,7 +164,7 @@ def test_predict_task_through_rlaunch(launchpad_config, cli_env, tmp_path, silic
     mgo = docs["mgo"]["predictions"]["formation_energy_per_atom"]
     assert mgo["value"] < -2.0 and mgo["sigma"] > 0
     assert docs["si"]["model_version"] == SurrogatePredictor.default().version
-    assert docs["si"]["uncertainty_mode"] == "value3+ensemble3+mc8" and docs["si"]["calibrated"]
+    assert docs["si"]["uncertainty_mode"] == "value4+ensemble3+mc8" and docs["si"]["calibrated"]
 
 
 def test_fused_inference_path_matches_e3nn_on_shipped_models(fast_predictor, silicon,
@@ -192,15 +195,23 @@ def test_mc_passes_in_threads_equal_the_sequential_train_mode_passes(predictor, 
                                                                       rocksalt):
     """MC passes replay masks drawn up front and run side by side; the numbers are those
     of the straightforward way: train mode, global RNG seeded once, one pass after the
-    other (members in order, batches in order)."""
+    other (members in order, batches in order), each member on graphs built for its own k
+    (the predictor's graphs have the most neighbours any of its models reads)."""
     import numpy as np
     import torch
-    from torch_geometric.data import Batch
+    from torch_geometric.data import Batch, Data
+
+    from matcouple.surrogate.graph import GraphSpec, structure_to_graph
 
     items = [silicon, rocksalt, silicon * (2, 1, 1), rocksalt * (1, 1, 2), silicon] * 2
     graphs = [predictor.graph(s) for s in items]
     means, variances = predictor.member_outputs(graphs, batch_size=4)
-    batches = [Batch.from_data_list(graphs[i:i + 4]) for i in range(0, len(graphs), 4)]
+    spec = GraphSpec(**predictor.blobs[0]["graph_spec"])
+    assert all(GraphSpec(**b["graph_spec"]) == spec for b in predictor.blobs)
+    assert spec.k < predictor.spec.k  # the members read a cut of the predictor's graphs
+    own = [Data(**{k: torch.as_tensor(v) for k, v in structure_to_graph(s, spec).items()
+                   if k in ("z", "edge_index", "edge_vec")}, num_nodes=len(s)) for s in items]
+    batches = [Batch.from_data_list(own[i:i + 4]) for i in range(0, len(own), 4)]
     ref_means, ref_vars = [], []
     with torch.random.fork_rng():
         torch.manual_seed(0)  # Settings.surrogate_mc_seed
