@@ -9,7 +9,7 @@ import pymongo
 import pytest
 
 from matcouple.errors import PortInUseError, ServerStartError
-from matcouple.store.server import EmbeddedServer, ping
+from matcouple.store.server import EmbeddedServer, _port_open, _self_connected, ping
 from tests.conftest import free_port
 
 
@@ -60,3 +60,21 @@ def test_ping_of_nothing_is_false_and_fast():
     t0 = time.monotonic()
     assert not ping("127.0.0.1", free_port(), timeout_ms=300)
     assert time.monotonic() - t0 < 3
+
+
+def test_a_self_connected_socket_is_not_taken_for_a_listener():
+    """Linux lets a socket bound to a free port connect to that same port (a TCP
+    simultaneous open): the rare way a free ephemeral port looked 'taken' to the check
+    before a restart (the CI flake of test_username_password_authsource)."""
+    with socket.socket() as lone:
+        lone.bind(("127.0.0.1", 0))
+        port = lone.getsockname()[1]
+        lone.connect(("127.0.0.1", port))  # succeeds: it talks to itself
+        assert _self_connected(lone)
+    with socket.socket() as server, socket.socket() as client:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client.connect(("127.0.0.1", port))
+        assert not _self_connected(client) and _port_open("127.0.0.1", port)
+    assert not _port_open("127.0.0.1", port)  # closed: nobody listens there now

@@ -70,10 +70,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _self_connected(sock: socket.socket) -> bool:
+    """A TCP connect to a free port of the ephemeral range can land on itself (the
+    kernel picked that very port as the source: a 'simultaneous open'); such a socket
+    talks to nobody, so it must not count as a listener."""
+    try:
+        return sock.getsockname() == sock.getpeername()
+    except OSError:
+        return False
+
+
 def _port_open(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
+    """True when something listens on host:port. Checked twice, 0.2 s apart: a port that
+    a server has just released (or a rare self-connect) is not mistaken for a taken one."""
+    for attempt in range(2):
+        if attempt:
+            time.sleep(0.2)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex((host, port)) != 0 or _self_connected(sock):
+                return False
+    return True
 
 
 def ping(host: str, port: int, timeout_ms: int = 1000) -> bool:
