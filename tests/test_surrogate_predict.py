@@ -199,9 +199,9 @@ def test_mc_passes_in_threads_equal_the_sequential_train_mode_passes(predictor, 
     (the predictor's graphs have the most neighbours any of its models reads)."""
     import numpy as np
     import torch
-    from torch_geometric.data import Batch, Data
+    from torch_geometric.data import Batch
 
-    from matcouple.surrogate.graph import GraphSpec, structure_to_graph
+    from matcouple.surrogate.graph import GraphSpec
 
     items = [silicon, rocksalt, silicon * (2, 1, 1), rocksalt * (1, 1, 2), silicon] * 2
     graphs = [predictor.graph(s) for s in items]
@@ -209,8 +209,9 @@ def test_mc_passes_in_threads_equal_the_sequential_train_mode_passes(predictor, 
     spec = GraphSpec(**predictor.blobs[0]["graph_spec"])
     assert all(GraphSpec(**b["graph_spec"]) == spec for b in predictor.blobs)
     assert spec.k < predictor.spec.k  # the members read a cut of the predictor's graphs
-    own = [Data(**{k: torch.as_tensor(v) for k, v in structure_to_graph(s, spec).items()
-                   if k in ("z", "edge_index", "edge_vec")}, num_nodes=len(s)) for s in items]
+    members_only = SurrogatePredictor.from_models(predictor.models, predictor.blobs,
+                                                  device=predictor.device, mc_samples=8)
+    own = [members_only.graph(s) for s in items]  # built with the members' own k
     batches = [Batch.from_data_list(own[i:i + 4]) for i in range(0, len(own), 4)]
     ref_means, ref_vars = [], []
     with torch.random.fork_rng():
