@@ -191,6 +191,37 @@ def test_fused_inference_path_matches_e3nn_on_shipped_models(fast_predictor, sil
             torch.testing.assert_close(outs[0], outs[1], rtol=rtol, atol=rtol)
 
 
+def test_models_built_without_einsum_search_give_the_same_numbers(silicon, rocksalt):
+    """The predictor's CPU models skip e3nn's einsum-order search (half the load time):
+    through e3nn's own path, in float64, a shipped member and value model give the numbers
+    of the default build, and e3nn's global switch is left as it was."""
+    import e3nn
+    import torch
+
+    from matcouple.settings import get_settings
+    from matcouple.surrogate.graph import GraphSpec, structure_to_graph
+    from matcouple.surrogate.predict import load_model
+
+    folder = Path(get_settings().surrogate_model_dir)
+    before = e3nn.get_optimization_defaults()
+    for name in ("crysformer-mp2018-s0.pt", "value-crysformer-wide-k24.pt"):
+        outs = []
+        for optimize in (True, False):
+            model, blob = load_model(folder / name, torch.device("cpu"),
+                                     optimize_einsums=optimize)
+            assert e3nn.get_optimization_defaults() == before
+            model = model.to(torch.float64).set_fused(False)
+            spec = GraphSpec(**blob["graph_spec"])
+            with torch.inference_mode():
+                for s in (silicon, rocksalt):
+                    g = structure_to_graph(s, spec)
+                    outs.append(model(g["z"], g["edge_index"], g["edge_vec"].to(torch.float64),
+                                      torch.zeros(len(g["z"]), dtype=torch.long), 1))
+        half = len(outs) // 2
+        torch.testing.assert_close(torch.cat(outs[:half]), torch.cat(outs[half:]),
+                                   rtol=1e-9, atol=1e-9)
+
+
 def test_mc_passes_in_threads_equal_the_sequential_train_mode_passes(predictor, silicon,
                                                                       rocksalt):
     """MC passes replay masks drawn up front and run side by side; the numbers are those
