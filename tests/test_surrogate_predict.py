@@ -222,6 +222,29 @@ def test_models_built_without_einsum_search_give_the_same_numbers(silicon, rocks
                                    rtol=1e-9, atol=1e-9)
 
 
+def test_a_mode_builds_only_the_models_it_runs(predictor, fast_predictor, silicon, rocksalt):
+    """A predictor reads every model file at once but builds a model when a mode first runs
+    it: the fast mode builds the card's fast value models only; switching to the default
+    mode builds the rest and gives the numbers of a predictor made in that mode."""
+    import numpy as np
+
+    card_fast = int(fast_predictor.card["fast_value_count"])
+    fresh = SurrogatePredictor.default(mc_samples=0)
+    assert fresh.built_models == 0 and fresh.mode == f"value{card_fast}"
+    fast_rows = fresh.predict([("si", silicon), ("nacl", rocksalt)])
+    assert fresh.built_models == card_fast
+    assert [r.values for r in fast_rows] == [r.values for r in fast_predictor.predict(
+        [("si", silicon), ("nacl", rocksalt)])]
+    fresh.mc_samples = predictor.mc_samples
+    rows = fresh.predict([("si", silicon), ("nacl", rocksalt)])
+    assert fresh.built_models == len(fresh.blobs) + len(fresh.card["value_models"])
+    for a, b in zip(rows, predictor.predict([("si", silicon), ("nacl", rocksalt)]),
+                    strict=True):
+        assert a.values == b.values
+        np.testing.assert_allclose(list(a.sigmas.values()), list(b.sigmas.values()),
+                                   rtol=1e-6)
+
+
 def test_mc_passes_in_threads_equal_the_sequential_train_mode_passes(predictor, silicon,
                                                                       rocksalt):
     """MC passes replay masks drawn up front and run side by side; the numbers are those

@@ -43,7 +43,7 @@ from matcouple.surrogate.graph import (
     structure_to_graph,
 )
 from matcouple.surrogate.mc_dropout import draw_masks, replaying
-from matcouple.surrogate.model import Crysformer, CrysformerConfig, have_dropout
+from matcouple.surrogate.model import Crysformer, CrysformerConfig
 from matcouple.surrogate.train import MODEL_FORMAT
 from matcouple.surrogate.uncertainty import combine, spread_around
 from matcouple.surrogate.value_blend import (
@@ -87,25 +87,61 @@ class Prediction:
 
 def load_model(path: Path, device: torch.device, *, optimize_einsums: bool = True
                ) -> tuple[Crysformer, dict]:
-    """The exported model at ``path`` on ``device``, in eval mode, and its file's contents.
+    """The exported model at ``path`` on ``device``, in eval mode, and its file's contents
+    (see :func:`build_model`)."""
+    blob = read_model_file(path)
+    return build_model(blob, device, optimize_einsums=optimize_einsums), blob
 
-    ``optimize_einsums=False`` builds the model without e3nn's search for the best einsum
-    contraction order, half the load time (the shipped seven models: 11.6 s -> 5.6 s on the
-    2-core CPU). The predictor does so on CPU, where inference measured as fast either way
-    (predictions within 3e-5); training steps measured slower without it (wide model, batch
-    64: 3.8 -> 5.2 s), and on GPU it is not measured, so everything else keeps it."""
+
+def read_model_file(path: Path) -> dict:
+    """The contents of an exported model file (weights, configuration, normalisation,
+    graph spec), checked to be one."""
     if not Path(path).exists():
         raise MatcoupleError(f"model file {path} not found (train one with "
                              "`matcouple train surrogate` or use the shipped models)")
     blob = torch.load(path, weights_only=True, map_location="cpu")
     if blob.get("format") != MODEL_FORMAT:
         raise MatcoupleError(f"{path} is not an exported Crysformer model")
+    return blob
+
+
+def build_model(blob: dict, device: torch.device, *, optimize_einsums: bool = True
+                ) -> Crysformer:
+    """The Crysformer of an exported model file's contents on ``device``, in eval mode.
+
+    ``optimize_einsums=False`` builds the model without e3nn's search for the best einsum
+    contraction order, half the load time (the shipped seven models: 11.6 s -> 5.6 s on the
+    2-core CPU). The predictor does so on CPU, where inference measured as fast either way
+    (predictions within 3e-5); training steps measured slower without it (wide model, batch
+    64: 3.8 -> 5.2 s), and on GPU it is not measured, so everything else keeps it."""
     cfg = blob["model_config"]
     cfg = CrysformerConfig(**{**cfg, "targets": tuple(cfg["targets"])})
     with e3nn_einsum_optimisation(optimize_einsums):
         model = Crysformer(cfg, blob["state_dict"]["atom_table"])
     model.load_state_dict(blob["state_dict"])
-    return model.to(device).eval(), blob
+    return model.to(device).eval()
+
+
+class ModelSlot:
+    """One model of a predictor: its file's contents at once, the module built when a mode
+    first runs it. Building costs ~0.8 s a model on a 2-core CPU, and the fast mode runs
+    two of the seven shipped models."""
+
+    def __init__(self, blob: dict, device: torch.device, *, optimize_einsums: bool = True,
+                 model: Crysformer | None = None) -> None:
+        self.blob, self.device, self.optimize_einsums = blob, device, optimize_einsums
+        self.model = model
+
+    @property
+    def built(self) -> bool:
+        return self.model is not None
+
+    def get(self) -> Crysformer:
+        if self.model is None:
+            self.model = build_model(self.blob, self.device,
+                                     optimize_einsums=self.optimize_einsums)
+            self.model.set_fused(get_settings().surrogate_fused_tp)
+        return self.model
 
 
 _E3NN_DEFAULTS = threading.Lock()
@@ -193,11 +229,11 @@ class SurrogatePredictor:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # inference only: on CPU the einsum-order search costs load time and buys nothing
         optimize = dev.type != "cpu"
-        loaded = [load_model(Path(p), dev, optimize_einsums=optimize) for p in model_paths]
         paths = [] if value_model is None else [value_model] if isinstance(
             value_model, str | Path) else list(value_model)
-        self._setup([m for m, _ in loaded], [b for _, b in loaded], card, dev, mc_samples,
-                    [load_model(Path(p), dev, optimize_einsums=optimize) for p in paths])
+        members, values = ([ModelSlot(read_model_file(Path(p)), dev, optimize_einsums=optimize)
+                            for p in group] for group in (model_paths, paths))
+        self._setup(members, values, card, dev, mc_samples)
 
     @classmethod
     def from_models(cls, models: Sequence[Crysformer], blobs: Sequence[dict], *,
@@ -209,22 +245,21 @@ class SurrogatePredictor:
         ``value``: one value model (model, blob) or a list of them (a value pair)."""
         self = cls.__new__(cls)
         values = [] if value is None else list(value) if isinstance(value, list) else [value]
-        self._setup(list(models), list(blobs), card, device, mc_samples, values)
+        fused = get_settings().surrogate_fused_tp
+        self._setup([ModelSlot(b, device, model=m.set_fused(fused))
+                     for m, b in zip(models, blobs, strict=True)],
+                    [ModelSlot(b, device, model=m.set_fused(fused)) for m, b in values],
+                    card, device, mc_samples)
         return self
 
-    def _setup(self, models: list[Crysformer], blobs: list[dict], card: dict | None,
-               device: torch.device, mc_samples: int | None,
-               values: list[tuple[Crysformer, dict]]) -> None:
+    def _setup(self, members: list[ModelSlot], values: list[ModelSlot], card: dict | None,
+               device: torch.device, mc_samples: int | None) -> None:
         self.device = device
-        self.models, self.blobs = models, blobs
-        # every value model; ``values`` are those the current mode runs (the card's
-        # ``fast_value_count`` first ones with dropout off, all of them otherwise)
-        self.all_values = self.values = values
-        for m in models + [v[0] for v in values]:
-            m.set_fused(get_settings().surrogate_fused_tp)
+        self._member_slots, self._value_slots = members, values
+        self.blobs = [s.blob for s in members]
         first = self.blobs[0]
         self.targets = tuple(first["model_config"]["targets"])
-        every = self.blobs + [v[1] for v in values]
+        every = self.blobs + [s.blob for s in values]
         for b in every[1:]:
             if tuple(b["model_config"]["targets"]) != self.targets:
                 raise MatcoupleError("ensemble members (and value models) disagree on "
@@ -236,7 +271,8 @@ class SurrogatePredictor:
         self.card = card or {}
         self.version = self.card.get("version", "uncalibrated")
         # Members trained without dropout have no MC spread: their default is the ensemble.
-        self.has_dropout = have_dropout(models)
+        self.has_dropout = all(float(b["model_config"].get("dropout", CrysformerConfig.dropout))
+                               > 0 for b in self.blobs)
         default = get_settings().surrogate_mc_samples if self.has_dropout else 0
         self.mc_samples = default if mc_samples is None else mc_samples
 
@@ -250,19 +286,21 @@ class SurrogatePredictor:
         if value < 0 or value == 1:
             raise MatcoupleError(f"mc_samples must be 0 (dropout off) or >= 2, got {value}")
         # the fast mode may run only the first value models (cheaper, its own weights)
-        active = self.all_values[:active_value_count(self.card, len(self.all_values), value)]
-        fast = len(active) < len(self.all_values)
+        n_values = len(self._value_slots)
+        active = [s.blob for s in
+                  self._value_slots[:active_value_count(self.card, n_values, value)]]
+        fast = len(active) < n_values
         if value and not self.has_dropout:
             raise MatcoupleError("MC dropout needs members trained with dropout > 0; these "
                                  "have none: use --mc-samples 0 (the ensemble's spread)")
-        if len(self.models) < 2 and value < 2 and len(active) < 2:
+        if len(self.blobs) < 2 and value < 2 and len(active) < 2:
             raise MatcoupleError("an uncertainty needs >= 2 ensemble members or "
                                  "--mc-samples >= 2")
         stored = self.card.get("fast_value_weights" if fast else "value_weights")
-        self.values = active
+        self._n_active_values = len(active)
         # the fast mode need not build the neighbours only a skipped value model reads
         self.mode_spec = common_spec([GraphSpec(**b["graph_spec"]) for b in
-                                      self.blobs + [v[1] for v in active]])
+                                      self.blobs + active])
         self.value_weights = [stored[t] for t in self.targets] if stored and \
             len(active) > 1 else None
         self._mc_samples = int(value)
@@ -276,6 +314,27 @@ class SurrogatePredictor:
         self.calibrated = bool(scales)
 
     @property
+    def models(self) -> list[Crysformer]:
+        """The ensemble members (built now if not yet)."""
+        return [s.get() for s in self._member_slots]
+
+    @property
+    def all_values(self) -> list[tuple[Crysformer, dict]]:
+        """Every value model with its file's contents (built now if not yet)."""
+        return [(s.get(), s.blob) for s in self._value_slots]
+
+    @property
+    def values(self) -> list[tuple[Crysformer, dict]]:
+        """The value models the current mode runs: the card's ``fast_value_count`` first
+        ones with dropout off, all of them otherwise (built now if not yet)."""
+        return [(s.get(), s.blob) for s in self._value_slots[:self._n_active_values]]
+
+    @property
+    def built_models(self) -> int:
+        """How many of the models have been built so far (a mode builds those it runs)."""
+        return sum(s.built for s in self._member_slots + self._value_slots)
+
+    @property
     def value(self) -> tuple[Crysformer, dict] | None:
         """The (first) value model, None without one."""
         return self.values[0] if self.values else None
@@ -283,11 +342,11 @@ class SurrogatePredictor:
     @property
     def values_only(self) -> bool:
         """Two or more value models with dropout off: they alone give value and sigma."""
-        return len(self.values) > 1 and not self.mc_samples
+        return self._n_active_values > 1 and not self.mc_samples
 
     @property
     def mode(self) -> str:
-        return mode_name(len(self.models), len(self.values), self.mc_samples)
+        return mode_name(len(self.blobs), self._n_active_values, self.mc_samples)
 
     @classmethod
     def default(cls, *, device: str | None = None, mc_samples: int | None = None,
