@@ -114,12 +114,16 @@ def build_model(blob: dict, device: torch.device, *, optimize_einsums: bool = Tr
     2-core CPU). The predictor does so on CPU, where inference measured as fast either way
     (predictions within 3e-5); training steps measured slower without it (wide model, batch
     64: 3.8 -> 5.2 s), and on GPU it is not measured, so everything else keeps it."""
-    cfg = blob["model_config"]
-    cfg = CrysformerConfig(**{**cfg, "targets": tuple(cfg["targets"])})
     with e3nn_einsum_optimisation(optimize_einsums):
-        model = Crysformer(cfg, blob["state_dict"]["atom_table"])
+        model = Crysformer(exported_config(blob), blob["state_dict"]["atom_table"])
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval()
+
+
+def exported_config(blob: dict) -> CrysformerConfig:
+    """The architecture recorded in an exported model file's contents."""
+    cfg = blob["model_config"]
+    return CrysformerConfig(**{**cfg, "targets": tuple(cfg["targets"])})
 
 
 class ModelSlot:
@@ -271,8 +275,7 @@ class SurrogatePredictor:
         self.card = card or {}
         self.version = self.card.get("version", "uncalibrated")
         # Members trained without dropout have no MC spread: their default is the ensemble.
-        self.has_dropout = all(float(b["model_config"].get("dropout", CrysformerConfig.dropout))
-                               > 0 for b in self.blobs)
+        self.has_dropout = all(exported_config(b).dropout > 0 for b in self.blobs)
         default = get_settings().surrogate_mc_samples if self.has_dropout else 0
         self.mc_samples = default if mc_samples is None else mc_samples
 
@@ -395,8 +398,9 @@ class SurrogatePredictor:
             yield from (None for _ in jobs)
             return
         gen = torch.Generator().manual_seed(get_settings().surrogate_mc_seed)
+        value_models = {id(m) for m, _ in self.values}
         for model, _, batch in jobs:
-            if any(model is v[0] for v in self.values):
+            if id(model) in value_models:
                 yield None  # a value model: one deterministic pass
                 continue
             shapes = model.dropout_shapes(batch.num_nodes, batch.num_edges)
