@@ -106,6 +106,17 @@ class Settings:
     # design policy accepted 74% instead of 57% (benchmarks/sigma_study.py).
     surrogate_value_model: bool = field(default_factory=lambda: os.environ.get(
         "MATCOUPLE_VALUE_MODEL", "1") != "0")
+    # Add each value model's residual memory (surrogate/residual_memory.py: the mean
+    # training residual of the k nearest training crystals in the model's own pooled
+    # features) when the card names one ($MATCOUPLE_RESIDUAL_MEMORY=0: the bare models).
+    surrogate_residual_memory: bool = field(default_factory=lambda: os.environ.get(
+        "MATCOUPLE_RESIDUAL_MEMORY", "1") != "0")
+    # How `matcouple train memory` builds one: neighbours averaged, principal axes kept of
+    # the standardised features, and eps of the weights 1/(distance + eps). Tuned on the
+    # MEGNet val split for the shipped value models (benchmarks/records/2026-12-05/cpu_s33).
+    residual_memory_k: int = 4
+    residual_memory_dims: int = 32
+    residual_memory_eps: float = 1e-3
     # Message and value tensor products on the fused GEMM paths at inference
     # (matcouple/surrogate/fused.py; $MATCOUPLE_FUSED_TP=0 turns it off): same math as e3nn
     # (float64: equal to 1e-7 on the value model), whole model 1.5x faster (value model 19.3

@@ -385,6 +385,8 @@ def finetune(db: Database, claim: FineTuneClaim, config: FineTuneConfig | None =
         **card, "members": card["members"], "calibration": {mode: calibration},
         "calibration_note": f"recalibrated after fine-tuning ({mode} only; other modes "
                             "are uncalibrated)",
+        # the value models' residual memories belong to the weights before this fine-tune
+        "value_memories": {},
         "val_mae": {mode: new_metrics["val"]}, "default_mode": mode,
         # with a value pair and dropout off the members were not run
         "member_val_mae": card.get("member_val_mae") if pair_only else [

@@ -32,7 +32,7 @@ from pymongo.database import Database
 
 from matcouple.errors import MatcoupleError
 from matcouple.settings import get_settings
-from matcouple.surrogate.value_blend import value_model_names
+from matcouple.surrogate.value_blend import value_memory_names, value_model_names
 
 CURRENT_ID = "@current"
 CARD = "model_card.json"
@@ -77,8 +77,10 @@ def _read_card(model_dir: Path) -> dict[str, Any]:
 
 
 def model_files(card: dict[str, Any]) -> list[str]:
-    """The model files a card names: its members, then its value model(s) if it has any."""
-    return list(card["members"]) + value_model_names(card)
+    """The model files a card names: its members, then its value model(s) if it has any,
+    then their residual memories."""
+    return list(card["members"]) + value_model_names(card) + [
+        m for m in value_memory_names(card) if m]
 
 
 class ModelRegistry:   # GridFS bucket + a `model_versions` collection

@@ -119,6 +119,59 @@ def train_surrogate(
         raise typer.Exit(1) from None
 
 
+def train_memory(
+    model_file: Path = typer.Argument(..., help="An exported dropout-free value model."),
+    out: Path | None = typer.Option(None, help="Memory file (default: <model>.memory.pt "
+                                    "beside the model)."),
+    data: Path | None = typer.Option(None, help="Labelled CSV (default: MP 2018.6.1)."),
+    split_column: str = typer.Option("megnet_split", help="'' for every row."),
+    split: str = typer.Option("train", help="The rows the model was trained on."),
+    k: int | None = typer.Option(None, help="Neighbours averaged (default: Settings."
+                                 "residual_memory_k)."),
+    dims: int | None = typer.Option(None, help="Principal axes kept (default: Settings."
+                                    "residual_memory_dims)."),
+    eps: float | None = typer.Option(None, help="eps of the weights 1/(distance + eps) "
+                                     "(default: Settings.residual_memory_eps)."),
+    limit: int | None = typer.Option(None, help="Use the first N rows."),
+    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda if present)."),
+    card: Path | None = typer.Option(None, help="Also name the memory in this model card "
+                                     "(the model must be one of its value models)."),
+) -> None:
+    """Keep a value model's residuals on its training rows, looked up by neighbours in its
+    own features to correct its predictions (surrogate/residual_memory.py)."""
+    import json
+
+    from matcouple.settings import get_settings
+    from matcouple.surrogate.residual_memory import build_residual_memory
+    from matcouple.surrogate.value_blend import value_model_names
+
+    settings = get_settings()
+    out = out or model_file.with_name(model_file.stem + ".memory.pt")
+    try:
+        card_data = json.loads(card.read_text()) if card else None
+        if card_data is not None and model_file.name not in value_model_names(card_data):
+            raise MatcoupleError(f"{model_file.name} is not a value model of {card}")
+        memory, summary = build_residual_memory(
+            model_file, data or settings.data_dir / settings.datasets["mp2018"],
+            split_column=split_column or None, split=split or None,
+            k=k or settings.residual_memory_k, dims=dims or settings.residual_memory_dims,
+            eps=eps or settings.residual_memory_eps, limit=limit, device=device,
+            cache_dir=settings.graph_cache_dir)
+    except (MatcoupleError, OSError, ValueError) as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    memory.save(out)
+    mae = ", ".join(f"{t} {v:.4f}" for t, v in summary["model_mae"].items())
+    console.print(f"wrote {out}: {summary['crystals']} crystals ({summary['skipped']} rows "
+                  f"skipped), k={memory.k}, {memory.axes.shape[1]} axes; the model's MAE on "
+                  f"them: {mae}")
+    if card is not None and card_data is not None:
+        card_data.setdefault("value_memories", {})[model_file.name] = out.name
+        card.write_text(json.dumps(card_data, indent=1))
+        console.print(f"named it in {card} (recalibrate the card: its blend weights and "
+                      "scales were fitted without it)")
+
+
 def _read_inputs(paths: list[Path]) -> list[tuple[str, object]]:
     """(id, Structure or the exception that refused it) for files, folders and CSVs."""
     from matcouple.datasets import ID_COLUMNS, read_table

@@ -405,7 +405,12 @@ class Crysformer(nn.Module):
         return self
 
     def forward(self, z: torch.Tensor, edge_index: torch.Tensor, edge_vec: torch.Tensor,
-                batch: torch.Tensor, num_graphs: int) -> torch.Tensor:
+                batch: torch.Tensor, num_graphs: int, features: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(crystals, targets) in normalised units; with ``features`` also each crystal's
+        mean over atoms of the head's hidden layer, (crystals, scalars): the output is
+        linear in it (the head's last layer), so it is the model's own representation of
+        the crystal for a look-up of neighbours (residual_memory.py)."""
         src, dst = edge_index[0], edge_index[1]
         dist = edge_vec.norm(dim=-1)
         sh = o3.spherical_harmonics(self.irreps_sh, edge_vec, normalize=True,
@@ -418,5 +423,9 @@ class Crysformer(nn.Module):
         for block in self.blocks:
             h = block(h, src, dst, sh, rbf)
         scalars = self.norm(h)[:, :self.n_scalar]
-        per_atom = self.head(scalars)
-        return scatter(per_atom, batch, dim=0, dim_size=num_graphs, reduce="mean")  # (9)
+        hidden = self.head[:-1](scalars)
+        out = scatter(self.head[-1](hidden), batch, dim=0, dim_size=num_graphs,
+                      reduce="mean")  # (9)
+        if not features:
+            return out
+        return out, scatter(hidden, batch, dim=0, dim_size=num_graphs, reduce="mean")

@@ -44,11 +44,13 @@ from matcouple.surrogate.graph import (
 )
 from matcouple.surrogate.mc_dropout import draw_masks, replaying
 from matcouple.surrogate.model import Crysformer, CrysformerConfig
+from matcouple.surrogate.residual_memory import ResidualMemory
 from matcouple.surrogate.train import MODEL_FORMAT
 from matcouple.surrogate.uncertainty import combine, spread_around
 from matcouple.surrogate.value_blend import (
     blend,
     card_weights,
+    value_memory_names,
     value_model_names,
     weighted_values,
 )
@@ -132,9 +134,14 @@ class ModelSlot:
     two of the seven shipped models."""
 
     def __init__(self, blob: dict, device: torch.device, *, optimize_einsums: bool = True,
-                 model: Crysformer | None = None) -> None:
+                 model: Crysformer | None = None, memory: ResidualMemory | None = None,
+                 name: str = "a value model") -> None:
         self.blob, self.device, self.optimize_einsums = blob, device, optimize_einsums
         self.model = model
+        if memory is not None:
+            memory.check_model(blob, name)
+        # the value model's training residuals, added to its outputs (residual_memory.py)
+        self.memory = memory
 
     @property
     def built(self) -> bool:
@@ -227,7 +234,10 @@ class SurrogatePredictor:
 
     def __init__(self, model_paths: Sequence[Path], *, card: dict | None = None,
                  device: str | None = None, mc_samples: int | None = None,
-                 value_model: Path | Sequence[Path] | None = None) -> None:
+                 value_model: Path | Sequence[Path] | None = None,
+                 value_memory: Sequence[Path | None] | None = None) -> None:
+        """``value_memory``: a residual memory file (or None) for each value model, whose
+        training residuals correct that model's outputs (residual_memory.py)."""
         if not model_paths:
             raise MatcoupleError("no surrogate model files given")
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -235,8 +245,16 @@ class SurrogatePredictor:
         optimize = dev.type != "cpu"
         paths = [] if value_model is None else [value_model] if isinstance(
             value_model, str | Path) else list(value_model)
-        members, values = ([ModelSlot(read_model_file(Path(p)), dev, optimize_einsums=optimize)
-                            for p in group] for group in (model_paths, paths))
+        memories = list(value_memory) if value_memory is not None else [None] * len(paths)
+        if len(memories) != len(paths):
+            raise MatcoupleError(f"{len(memories)} residual memories for {len(paths)} value "
+                                 "models: give one (or None) per value model")
+        members = [ModelSlot(read_model_file(Path(p)), dev, optimize_einsums=optimize)
+                   for p in model_paths]
+        values = [ModelSlot(read_model_file(Path(p)), dev, optimize_einsums=optimize,
+                            memory=None if m is None else ResidualMemory.load(Path(m)),
+                            name=Path(p).name)
+                  for p, m in zip(paths, memories, strict=True)]
         self._setup(members, values, card, dev, mc_samples)
 
     @classmethod
@@ -260,6 +278,7 @@ class SurrogatePredictor:
                device: torch.device, mc_samples: int | None) -> None:
         self.device = device
         self._member_slots, self._value_slots = members, values
+        self._memories = {id(s.blob): s.memory for s in values if s.memory is not None}
         self.blobs = [s.blob for s in members]
         first = self.blobs[0]
         self.targets = tuple(first["model_config"]["targets"])
@@ -360,9 +379,13 @@ class SurrogatePredictor:
         if not card_path.exists():
             raise MatcoupleError(f"no model card in {folder}: train and calibrate first")
         card = json.loads(card_path.read_text())
-        values = value_model_names(card) if get_settings().surrogate_value_model else []
+        settings = get_settings()
+        values = value_model_names(card) if settings.surrogate_value_model else []
+        memories = [folder / m if m and settings.surrogate_residual_memory else None
+                    for m in value_memory_names(card)][:len(values)]
         return cls([folder / m for m in card["members"]], card=card, device=device,
-                   mc_samples=mc_samples, value_model=[folder / v for v in values])
+                   mc_samples=mc_samples, value_model=[folder / v for v in values],
+                   value_memory=memories)
 
     def graph(self, structure: Structure) -> Data:
         g = structure_to_graph(structure, self.spec)
@@ -377,6 +400,11 @@ class SurrogatePredictor:
         with torch.inference_mode():
             mean_t, std_t = blob["norm_mean"].to(self.device), blob["norm_std"].to(self.device)
             args = (batch.z, batch.edge_index, batch.edge_vec, batch.batch, batch.num_graphs)
+            memory = self._memories.get(id(blob))
+            if memory is not None:  # a value model (dropout off) and its residuals
+                out, features = model(*args, features=True)
+                pred = out * std_t + mean_t + memory.correction(features)
+                return pred, torch.zeros_like(pred)
             if masks is None:
                 pred = model(*args) * std_t + mean_t
                 return pred, torch.zeros_like(pred)

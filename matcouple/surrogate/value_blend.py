@@ -126,6 +126,13 @@ def value_model_names(card: dict) -> list[str]:
     return [card["value_model"]] if card.get("value_model") else []
 
 
+def value_memory_names(card: dict) -> list[str | None]:
+    """The residual memory file of each value model a card names (``value_memories``,
+    keyed by model file; None for a model without one)."""
+    memories = card.get("value_memories") or {}
+    return [memories.get(name) for name in value_model_names(card)]
+
+
 def weighted_values(values: np.ndarray, weights: Sequence[Sequence[float]] | None
                     ) -> np.ndarray:
     """The value of K value models' predictions (K, N, T): per target, the sum of the
