@@ -5,6 +5,7 @@ card, refused for other weights."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -248,3 +249,35 @@ def test_graphs_with_more_neighbours_give_the_same_features(silicon, rocksalt):
     a = pooled_outputs(model, blob, graphs(6), progress=False)
     b = pooled_outputs(model, blob, graphs(12), graph_k=12, progress=False)
     assert a[0] == pytest.approx(b[0], abs=1e-5) and a[1] == pytest.approx(b[1], abs=1e-5)
+
+
+def test_a_card_built_with_memories_names_them_and_predictions_reproduce_its_mae(tmp_path):
+    from matcouple.surrogate.card import build_model_card
+    from matcouple.surrogate.data import load_graphs
+
+    names, _ = _model_dir(tmp_path)
+    structures = _structures()
+    rng = np.random.default_rng(5)
+    labels = np.stack([rng.normal(-1, 1, 12), rng.uniform(0, 3, 12)], 1)
+    data = Path(_table(tmp_path, structures, labels))
+    frame = pd.read_csv(data)
+    frame["split"] = ["train"] * 8 + ["val"] * 4
+    frame.to_csv(data, index=False)
+    result = CliRunner().invoke(app, [
+        "train", "memory", str(tmp_path / names[2]), "--data", str(data),
+        "--split-column", "split", "--k", "2", "--dims", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    card = build_model_card(tmp_path, data, split_column="split", split="val", mc_samples=0,
+                            device="cpu", value_model=names[2],
+                            value_memory=["value-t.memory.pt"], progress=False)
+    assert card["value_memories"] == {"value-t.pt": "value-t.memory.pt"}
+    predictor = SurrogatePredictor.default(model_dir=tmp_path, device="cpu", mc_samples=0)
+    graphs = load_graphs(data, TARGETS, split_column="split", split="val",
+                         spec=predictor.spec, progress=False).graphs
+    mean, _ = predictor.predict_graphs(graphs)
+    for j, t in enumerate(TARGETS):
+        assert card["val_mae"][predictor.mode][t] == pytest.approx(
+            float(np.abs(mean[:, j] - labels[8:, j]).mean()), rel=1e-5)
+    bare = SurrogatePredictor([tmp_path / n for n in names[:2]], device="cpu", mc_samples=0,
+                              value_model=[tmp_path / names[2]])
+    assert not np.allclose(bare.outputs(graphs)[2], predictor.outputs(graphs)[2])

@@ -82,6 +82,7 @@ def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet
                      mc_limit: int | None = None, device: str | None = None,
                      value_model: str | Sequence[str] | None = None,
                      fast_value_count: int | None = None,
+                     value_memory: Sequence[str | None] | None = None,
                      progress: bool = True) -> dict:
     """Evaluate the ensemble in ``model_dir`` on a split and write ``model_card.json``:
     dropout off and with ``mc_samples`` MC passes (default ``Settings.surrogate_mc_samples``)
@@ -92,7 +93,9 @@ def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet
     (:func:`fit_value_weights`), and with dropout off they alone give value and sigma
     (mode ``value2``/``value3``, their spread given a floor). ``fast_value_count``: with
     dropout off only the first that many value models run (the fast mode, cheaper), with
-    their own weights (``fast_value_weights``) and calibration."""
+    their own weights (``fast_value_weights``) and calibration. ``value_memory``: a
+    residual memory file in ``model_dir`` (or None) for each value model, applied in every
+    mode the card measures (residual_memory.py)."""
     values = [] if value_model is None else [value_model] if isinstance(value_model, str) \
         else list(value_model)
     if fast_value_count is not None and not 1 < fast_value_count < len(values):
@@ -100,8 +103,11 @@ def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet
                              f"least 2 and fewer than the {len(values)} value models")
     members = sorted(p.name for p in model_dir.glob("crysformer-*.pt") if p.name not in values)
     mc_samples = get_settings().surrogate_mc_samples if mc_samples is None else mc_samples
+    memories = list(value_memory) if value_memory is not None else [None] * len(values)
     predictor = SurrogatePredictor([model_dir / m for m in members], device=device,
-                                   mc_samples=0, value_model=[model_dir / v for v in values])
+                                   mc_samples=0, value_model=[model_dir / v for v in values],
+                                   value_memory=[model_dir / m if m else None
+                                                 for m in memories])
     targets = predictor.targets
     graphs = load_graphs(data, targets, split_column=split_column, split=split,
                          spec=predictor.spec, progress=progress).graphs
@@ -130,6 +136,8 @@ def build_model_card(model_dir: Path, data: Path, *, split_column: str = "megnet
         card["value_model"] = values[0]
     elif values:
         card["value_models"] = values
+    if any(memories):
+        card["value_memories"] = {v: m for v, m in zip(values, memories, strict=True) if m}
     if values:
         card["value_model_config"] = predictor.values[0][1]["model_config"]
         card["value_model_val_mae"] = predictor.values[0][1]["val_mae"]

@@ -184,11 +184,13 @@ def build_residual_memory(model_path: Path, data: Path, *, split_column: str | N
     """The residual memory of the exported value model at ``model_path`` over the labelled
     rows of ``data`` (one split of it), and a summary (crystals, rows skipped, the model's
     MAE on them)."""
+    from matcouple.settings import get_settings
     from matcouple.surrogate.data import load_graphs
     from matcouple.surrogate.predict import exported_config, load_model
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, blob = load_model(Path(model_path), dev, optimize_einsums=dev.type != "cpu")
+    model.set_fused(get_settings().surrogate_fused_tp)  # as the predictor runs it
     if exported_config(blob).dropout > 0:
         raise MatcoupleError(f"{model_path} has dropout: a residual memory is for the "
                              "dropout-free value models")
