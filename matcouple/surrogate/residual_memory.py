@@ -59,27 +59,39 @@ class ResidualMemory:
     k: int
     eps: float
 
+    def __post_init__(self) -> None:
+        self._placed: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """center, scale, axes, keys (float32) and residuals on ``device``, copied once."""
+        if device not in self._placed:
+            self._placed[device] = tuple(t.float().to(device) for t in (
+                self.center, self.scale, self.axes, self.keys, self.residuals))
+        return self._placed[device]
+
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        return ((features.float().cpu() - self.center) / self.scale) @ self.axes
+        center, scale, axes, _, _ = self._on(features.device)
+        return ((features.float() - center) / scale) @ axes
 
     def correction(self, features: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-        """(n, targets): each crystal's weighted mean residual of its ``k`` nearest
-        training crystals (weights 1 / (distance + eps); missing labels left out)."""
+        """(n, targets) on the features' device: each crystal's weighted mean residual of
+        its ``k`` nearest training crystals (weights 1 / (distance + eps); missing labels
+        left out)."""
         if features.ndim != 2 or features.shape[1] != self.center.shape[0]:
             raise MatcoupleError(f"residual memory expects (n, {self.center.shape[0]}) "
                                  f"features, got {tuple(features.shape)}")
-        keys = self.keys.float()
+        _, _, _, keys, residuals = self._on(features.device)
         out = []
         for start in range(0, features.shape[0], chunk):
             query = self.project(features[start:start + chunk])
             dist, idx = torch.cdist(query, keys).topk(min(self.k, len(keys)), largest=False)
             weight = 1.0 / (dist + self.eps)                       # (n, k)
-            res = self.residuals[idx]                              # (n, k, targets)
+            res = residuals[idx]                                   # (n, k, targets)
             known = torch.isfinite(res)
             w = weight[..., None] * known
             total = (w * torch.nan_to_num(res)).sum(1)
             out.append(total / w.sum(1).clamp_min(1e-12))
-        return torch.cat(out).to(features.device)
+        return torch.cat(out)
 
     def state(self) -> dict:
         return {"format": MEMORY_FORMAT, "model_sha": self.model_sha,
