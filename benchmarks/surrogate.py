@@ -131,6 +131,7 @@ def main() -> None:
     result = {
         "data": str(a.data.name), "split": a.split, "n": len(items), "n_predicted": len(ok),
         "model_version": predictor.version, "uncertainty_mode": predictor.mode,
+        "residual_memories": predictor.residual_memories,
         "device": str(predictor.device), "cpu_count": os.cpu_count(),
         "graph_workers": a.workers, "seconds": seconds,
         "structures_per_s": len(items) / seconds, "cpu_seconds": cpu_seconds,

@@ -114,7 +114,7 @@ class Settings:
     # How `matcouple train memory` builds one: neighbours averaged, principal axes kept of
     # the standardised features, and eps of the weights 1/(distance + eps). Tuned on the
     # MEGNet val split for the shipped value models (benchmarks/records/2026-12-05/cpu_s33).
-    residual_memory_k: int = 4
+    residual_memory_k: int = 3
     residual_memory_dims: int = 32
     residual_memory_eps: float = 1e-3
     # Message and value tensor products on the fused GEMM paths at inference

@@ -187,6 +187,7 @@ def test_train_memory_builds_it_the_card_names_it_and_predictions_take_it(tmp_pa
         value_model=[model_path])
     with_memory = SurrogatePredictor.default(model_dir=tmp_path, device="cpu", mc_samples=0)
     graphs = [with_memory.graph(s) for s in structures]
+    assert with_memory.residual_memories == 1 and bare.residual_memories == 0
     _, _, plain = bare.outputs(graphs)
     _, _, corrected = with_memory.outputs(graphs)
     # k=1: a training crystal's own residual comes back, so its label does

@@ -227,7 +227,9 @@ def predict(
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(1) from None
     targets = predictor.targets
-    table = Table(title=f"Crysformer {predictor.version} ({predictor.mode}); "
+    memories = (f", {predictor.residual_memories} residual memories"
+                if predictor.residual_memories else "")
+    table = Table(title=f"Crysformer {predictor.version} ({predictor.mode}{memories}); "
                         "sigma: calibrated 1-sigma")
     table.add_column("id")
     for t in targets:

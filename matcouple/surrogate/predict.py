@@ -352,6 +352,12 @@ class SurrogatePredictor:
         return [(s.get(), s.blob) for s in self._value_slots[:self._n_active_values]]
 
     @property
+    def residual_memories(self) -> int:
+        """How many of the value models the current mode runs correct their outputs with a
+        residual memory."""
+        return sum(s.memory is not None for s in self._value_slots[:self._n_active_values])
+
+    @property
     def built_models(self) -> int:
         """How many of the models have been built so far (a mode builds those it runs)."""
         return sum(s.built for s in self._member_slots + self._value_slots)
