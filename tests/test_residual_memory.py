@@ -26,7 +26,7 @@ from matcouple.surrogate.residual_memory import (
     pooled_outputs,
     weights_sha,
 )
-from tests.test_surrogate_value_model import _model
+from tests.test_surrogate_value_model import _model, write_model_dir
 
 TARGETS = ("formation_energy_per_atom", "band_gap")
 
@@ -144,15 +144,7 @@ def test_save_load_and_a_memory_for_other_weights_is_refused(tmp_path):
 
 
 def _model_dir(tmp_path) -> tuple[list[str], dict]:
-    names = []
-    for k, (dropout, seed) in enumerate([(0.2, 1), (0.2, 2), (0.0, 7)]):
-        _, blob = _model(dropout, seed)
-        name = f"crysformer-t-s{k}.pt" if k < 2 else "value-t.pt"
-        torch.save(blob, tmp_path / name)
-        names.append(name)
-    card = {"version": "t", "members": names[:2], "value_models": [names[2]]}
-    (tmp_path / "model_card.json").write_text(json.dumps(card))
-    return names, card
+    return write_model_dir(tmp_path, "value_models")
 
 
 def _table(tmp_path, structures: list[Structure], labels: np.ndarray) -> str:

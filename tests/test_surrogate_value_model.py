@@ -80,15 +80,23 @@ def test_a_value_model_on_other_graphs_or_targets_is_refused():
         _predictor(_model(0.0, 7, targets=("band_gap",)))
 
 
-def test_the_card_names_the_value_model_and_a_setting_turns_it_off(tmp_path, monkeypatch):
+def write_model_dir(folder, value_key: str = "value_model") -> tuple[list[str], dict]:
+    """Two members (dropout 0.2) and a dropout-free value model saved in ``folder`` with a
+    card naming them (``value_key``: an old card's ``value_model`` or ``value_models``)."""
     names = []
     for k, (dropout, seed) in enumerate([(0.2, 1), (0.2, 2), (0.0, 7)]):
         _, blob = _model(dropout, seed)
         name = f"crysformer-t-s{k}.pt" if k < 2 else "value-t.pt"
-        torch.save(blob, tmp_path / name)
+        torch.save(blob, folder / name)
         names.append(name)
-    (tmp_path / "model_card.json").write_text(json.dumps(
-        {"version": "t", "members": names[:2], "value_model": names[2]}))
+    card = {"version": "t", "members": names[:2],
+            value_key: names[2] if value_key == "value_model" else [names[2]]}
+    (folder / "model_card.json").write_text(json.dumps(card))
+    return names, card
+
+
+def test_the_card_names_the_value_model_and_a_setting_turns_it_off(tmp_path, monkeypatch):
+    names, _ = write_model_dir(tmp_path)
     predictor = SurrogatePredictor.default(model_dir=tmp_path, device="cpu", mc_samples=0)
     assert predictor.mode == "value+ensemble2"
     monkeypatch.setenv("MATCOUPLE_VALUE_MODEL", "0")
