@@ -116,7 +116,7 @@ class Settings:
     # MEGNet val split for the shipped value models (benchmarks/records/2026-12-05/cpu_s33).
     residual_memory_k: int = 3
     residual_memory_dims: int = 32
-    residual_memory_eps: float = 1e-3
+    residual_memory_eps: float = 0.1
     # Message and value tensor products on the fused GEMM paths at inference
     # (matcouple/surrogate/fused.py; $MATCOUPLE_FUSED_TP=0 turns it off): same math as e3nn
     # (float64: equal to 1e-7 on the value model), whole model 1.5x faster (value model 19.3

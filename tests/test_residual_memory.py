@@ -274,3 +274,18 @@ def test_a_card_built_with_memories_names_them_and_predictions_reproduce_its_mae
     bare = SurrogatePredictor([tmp_path / n for n in names[:2]], device="cpu", mc_samples=0,
                               value_model=[tmp_path / names[2]])
     assert not np.allclose(bare.outputs(graphs)[2], predictor.outputs(graphs)[2])
+
+
+def test_a_query_next_to_a_training_crystal_gets_a_steady_correction():
+    """Round-off in the features (another batch, a rotated cell) must not move the
+    correction: near a training crystal the matrix-product distances lose their digits,
+    so the nearest candidates are re-measured directly."""
+    rng = np.random.default_rng(7)
+    feats = rng.normal(size=(3000, 40)) * 5
+    labels = rng.normal(size=(3000, 2))
+    memory = fit_residual_memory(feats, labels, np.zeros_like(labels), TARGETS, "sha",
+                                 dims=32, k=3, eps=1e-3)
+    query = torch.tensor(feats[:200], dtype=torch.float32)
+    nudged = query * (1 + 1e-6 * torch.from_numpy(rng.normal(size=(200, 40))).float())
+    a, b = memory.correction(query), memory.correction(nudged)
+    assert (a - b).abs().max() < 1e-4
