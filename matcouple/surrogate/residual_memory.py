@@ -230,7 +230,10 @@ def build_residual_memory(model_path: Path, data: Path, *, split_column: str | N
                              + (f" in {split_column}={split}" if split else "")
                              + ": a residual memory needs >= 2")
     preds, feats = pooled_outputs(model, blob, graphs, progress=progress,
-                                  batch_size=batch_size or (16 if dev.type == "cpu" else 512))
+                                  batch_size=batch_size or (
+                                      get_settings().predict_batch_size_cpu
+                                      if dev.type == "cpu"
+                                      else get_settings().predict_batch_size_gpu))
     labels = np.stack([g.y.numpy().reshape(-1) for g in graphs])
     memory = fit_residual_memory(feats, labels, preds, targets, weights_sha(blob),
                                  dims=dims, k=k, eps=eps)
